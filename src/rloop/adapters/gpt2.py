@@ -1,0 +1,25 @@
+"""GPT-2: one fused ``c_attn`` projection (a Conv1D) laid out as [q | k | v] blocks.
+
+Block ``transformer.h[i]``: ``attn.c_attn`` (out width 3*d_model), ``attn.c_proj`` (output
+projection), ``mlp``; final norm ``transformer.ln_f``. transformers splits the fused output
+into three d_model-wide blocks and views each as (H, D), so head h's value vector sits at
+columns ``2*d_model + h*D .. 2*d_model + (h+1)*D`` — unlike GPT-NeoX's per-head interleaving.
+"""
+
+from rloop.adapters.base import Adapter, FusedQKV, standard_points
+
+GPT2 = Adapter(
+    family="gpt2",
+    model_types=("gpt2",),
+    layers_path="transformer.h",
+    final_norm_path="transformer.ln_f",
+    points=standard_points(
+        attn="attn",
+        q="attn.c_attn",
+        k="attn.c_attn",
+        v="attn.c_attn",
+        o="attn.c_proj",
+        mlp="mlp",
+        fused=FusedQKV("blocks"),
+    ),
+)

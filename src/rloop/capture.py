@@ -1,0 +1,191 @@
+"""Capture and edit hook points during a forward pass.
+
+:class:`Trace` is a context manager in the spirit of baukit's ``TraceDict``: it registers
+hooks on the modules the adapter names, records (and optionally edits) the canonical tensor
+of each requested hook point, optionally stops the forward pass after the last layer that is
+needed, and always removes its hooks on exit, even on error.
+
+    points = ["blocks.3.v", "blocks.25.v"]
+    with Trace(lm.model, lm.adapter, capture=points, stop_after_layer=25) as tr:
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    v_late = tr["blocks.25.v"]  # (B, T, Hkv, D)
+
+Edits are functions ``fn(value) -> value`` on the canonical tensor (see adapters.base); a
+captured point that is also edited records the edited value, i.e. what the model consumed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from rloop.adapters.base import Adapter
+from rloop.errors import ConfigError
+
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+
+_ADDRESS = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
+
+
+@dataclass(frozen=True)
+class HookAddress:
+    layer: int
+    point: str
+
+    def __str__(self) -> str:
+        return f"blocks.{self.layer}.{self.point}"
+
+
+def address(layer: int, point: str) -> str:
+    """The string address of ``point`` at ``layer``: ``blocks.{layer}.{point}``."""
+    return f"blocks.{layer}.{point}"
+
+
+def parse_address(text: str | HookAddress) -> HookAddress:
+    if isinstance(text, HookAddress):
+        return text
+    match = _ADDRESS.match(text)
+    if match is None:
+        raise ConfigError(f"bad hook address {text!r}: write it as blocks.<layer>.<point>")
+    return HookAddress(int(match.group(1)), match.group(2))
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass after the last needed layer."""
+
+
+def _first(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+def _replace_first(output: object, new: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    return new
+
+
+class Trace:
+    """Record and edit hook points for the forward passes run inside the ``with`` block.
+
+    capture: addresses to record; each holds the tensor of the most recent forward.
+    edits: address -> function applied to the canonical tensor before the model uses it.
+    stop_after_layer: raise StopForward after this block's output (swallowed on exit),
+        so no later block, final norm or LM head is computed.
+    detach: detach captured tensors (set False to keep the autograd graph, e.g. saliency).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        capture: Iterable[str | HookAddress] = (),
+        edits: Mapping[str | HookAddress, EditFn] | None = None,
+        stop_after_layer: int | None = None,
+        detach: bool = True,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.capture = [parse_address(a) for a in capture]
+        self.edits = {parse_address(a): fn for a, fn in (edits or {}).items()}
+        self.stop_after_layer = stop_after_layer
+        self.detach = detach
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        for addr in [*self.capture, *self.edits]:
+            adapter.check_layer(addr.layer)
+            adapter.spec(addr.point)
+        if stop_after_layer is not None:
+            adapter.check_layer(stop_after_layer)
+
+    def __getitem__(self, addr: str | HookAddress) -> torch.Tensor:
+        key = str(parse_address(addr))
+        if key not in self.values:
+            raise KeyError(f"{key} was not captured (did the forward pass reach that layer?)")
+        return self.values[key]
+
+    def __contains__(self, addr: str | HookAddress) -> bool:
+        return str(parse_address(addr)) in self.values
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, addr: HookAddress, record: bool, edit: EditFn | None):
+        adapter, point, key = self.adapter, addr.point, str(addr)
+        io = adapter.spec(point).io
+
+        def process(raw: torch.Tensor) -> torch.Tensor | None:
+            new_raw = None
+            if edit is not None:
+                value = edit(adapter.read(point, raw))
+                new_raw = adapter.write(point, raw, value)
+                raw = new_raw
+            if record:
+                value = adapter.read(point, raw)
+                self.values[key] = value.detach() if self.detach else value
+            return new_raw
+
+        if io == "output":
+
+            def hook(module, args, output):
+                new_raw = process(_first(output))
+                return None if new_raw is None else _replace_first(output, new_raw)
+
+            return "forward", hook
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                new_raw = process(args[0])
+                return None if new_raw is None else ((new_raw, *args[1:]), kwargs)
+            new_raw = process(kwargs["hidden_states"])
+            return None if new_raw is None else (args, {**kwargs, "hidden_states": new_raw})
+
+        return "pre", pre_hook
+
+    def __enter__(self) -> Trace:
+        self.values.clear()
+        try:
+            for addr in dict.fromkeys([*self.capture, *self.edits]):
+                module = self.adapter.module_for(self.model, addr.layer, addr.point)
+                kind, hook = self._make_hook(addr, addr in self.capture, self.edits.get(addr))
+                if kind == "forward":
+                    self._handles.append(module.register_forward_hook(hook))
+                else:
+                    self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if self.stop_after_layer is not None:
+                block = self.adapter.blocks(self.model)[self.stop_after_layer]
+
+                def stop(module, args, output):
+                    raise StopForward
+
+                self._handles.append(block.register_forward_hook(stop))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._remove()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def run_with_trace(
+    model: nn.Module,
+    adapter: Adapter,
+    inputs: Mapping[str, torch.Tensor],
+    capture: Iterable[str | HookAddress] = (),
+    edits: Mapping[str | HookAddress, EditFn] | None = None,
+    stop_after_layer: int | None = None,
+    detach: bool = True,
+) -> Trace:
+    """Run one forward pass on ``inputs`` (input_ids, attention_mask, ...) inside a Trace."""
+    with Trace(model, adapter, capture, edits, stop_after_layer, detach) as trace:
+        model(**inputs, use_cache=False)
+    return trace

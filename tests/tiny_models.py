@@ -1,0 +1,96 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+VOCAB = 97
+
+
+def tiny_config(family: str):
+    """A 3-layer config of ``family`` with d_model 64 and 4 query heads (2 KV heads for GQA)."""
+    common = {"vocab_size": VOCAB}
+    if family == "llama":
+        return LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            **common,
+        )
+    if family == "mistral":
+        return MistralConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            sliding_window=None,
+            **common,
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            **common,
+        )
+    if family == "gemma3":
+        return Gemma3TextConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            sliding_window=8,
+            **common,
+        )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            rotary_pct=0.25,
+            **common,
+        )
+    if family == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=128, **common)
+    if family == "gptj":
+        return GPTJConfig(n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt_neox", "gpt2", "gptj")
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Larger-than-default weights so attention patterns are far from uniform.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name and "wte" not in name:
+                param.normal_(0.0, 0.15)
+    return model.to(dtype).eval()
