@@ -76,6 +76,8 @@ class Trace:
     edits: address -> function applied to the canonical tensor before the model uses it.
     stop_after_layer: raise StopForward after this block's output (swallowed on exit),
         so no later block, final norm or LM head is computed.
+    stop_after_point: raise StopForward right after this hook point has been computed
+        (e.g. ``blocks.25.v``: nothing after layer 25's value projection runs).
     detach: detach captured tensors (set False to keep the autograd graph, e.g. saliency).
     """
 
@@ -87,12 +89,16 @@ class Trace:
         edits: Mapping[str | HookAddress, EditFn] | None = None,
         stop_after_layer: int | None = None,
         detach: bool = True,
+        stop_after_point: str | HookAddress | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
         self.capture = [parse_address(a) for a in capture]
         self.edits = {parse_address(a): fn for a, fn in (edits or {}).items()}
         self.stop_after_layer = stop_after_layer
+        self.stop_after_point = (
+            parse_address(stop_after_point) if stop_after_point is not None else None
+        )
         self.detach = detach
         self.values: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
@@ -101,6 +107,9 @@ class Trace:
             adapter.spec(addr.point)
         if stop_after_layer is not None:
             adapter.check_layer(stop_after_layer)
+        if self.stop_after_point is not None:
+            adapter.check_layer(self.stop_after_point.layer)
+            adapter.spec(self.stop_after_point.point)
 
     def __getitem__(self, addr: str | HookAddress) -> torch.Tensor:
         key = str(parse_address(addr))
@@ -161,10 +170,23 @@ class Trace:
                     raise StopForward
 
                 self._handles.append(block.register_forward_hook(stop))
+            if self.stop_after_point is not None:
+                self._handles.append(self._register_stop_at_point(self.stop_after_point))
         except BaseException:
             self._remove()
             raise
         return self
+
+    def _register_stop_at_point(self, addr: HookAddress) -> RemovableHandle:
+        module = self.adapter.module_for(self.model, addr.layer, addr.point)
+
+        def stop(*args):
+            raise StopForward
+
+        if self.adapter.spec(addr.point).io == "output":
+            return module.register_forward_hook(stop)
+        # An input point is "computed" when the module is called: stop before it runs.
+        return module.register_forward_pre_hook(stop)
 
     def _remove(self) -> None:
         for handle in self._handles:

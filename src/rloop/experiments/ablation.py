@@ -1,0 +1,348 @@
+"""Head ablation sweep, group ablation and layer ablation (seed 000 cells 3-5, 13; seed 001).
+
+The sweep ablates every head (or KV group) of a layer range, one at a time, on a prompt set
+and reports per prompt x head the R_V with and without the head, using the exact batched
+engine in :mod:`rloop.head_sweep`. Per head: mean impact over prompts with a bootstrap CI,
+a one-sample t-test against 0 with Benjamini-Hochberg adjustment over the computed heads, and
+a noise floor; heads at layers >= the late measurement layer are reported as exactly 0 and
+marked ``computed = False``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+
+from rloop.batching import encode
+from rloop.capture import Trace, address
+from rloop.errors import ConfigError
+from rloop.head_sweep import head_sweep
+from rloop.interventions import (
+    ABLATION_MODES,
+    HEAD_UNITS,
+    check_heads,
+    component_ablation_edit,
+    head_ablation_edit,
+    keep_mask,
+    mean_activations,
+)
+from rloop.metrics import r_v, window_pr
+from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci, noise_floor
+from rloop.profiles import check_mode_for_point, resolve_layers
+from rloop.progress import progress_bar
+
+EXPERIMENT = "ablate"
+
+
+@dataclass
+class AblationConfig:
+    """Settings of the head-ablation sweep (defaults match ``rloop ablate``)."""
+
+    model: str = "smollm2-135m"
+    revision: str | None = None
+    prompts: str | None = None
+    bank_version: str = "v1"
+    groups: list[str] | None = None  # None = ["L5"] from the bank, all groups of a user file
+    max_prompts: int | None = 10
+    layers: list[int] | None = None  # layers whose heads are swept; None = all
+    mode: str = "zero"  # zero | mean
+    reference_group: str = "factual"  # mean-ablation reference set (from the same source)
+    measure_layers: list[int] | None = None  # [early, late]; None = depth fractions
+    window: int = 16
+    pr_mode: str = "per-head"
+    unit: str = "query"  # query | kv_group
+    top_k: int = 10
+    max_rows: int = 256
+    n_boot: int = 2000
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate_config(config: AblationConfig) -> None:
+    if config.mode not in ABLATION_MODES:
+        raise ConfigError(f"unknown ablation mode {config.mode!r}: choose zero or mean")
+    if config.unit not in HEAD_UNITS:
+        raise ConfigError(f"unknown head unit {config.unit!r}: choose query or kv_group")
+    if config.window < 2:
+        raise ConfigError(f"window must be at least 2 tokens, got {config.window}")
+    if config.max_prompts is not None and config.max_prompts < 1:
+        raise ConfigError(f"--max-prompts must be at least 1, got {config.max_prompts}")
+    check_mode_for_point("v", [config.pr_mode])
+
+
+def sweep_table(result, prompt_ids: list[str], mode: str, unit: str, pr_mode: str) -> pd.DataFrame:
+    """Tidy rows: one per prompt x layer x head."""
+    base_rv = r_v(result.clean_late[pr_mode].numpy(), result.clean_early[pr_mode].numpy())  # (P,)
+    rows = []
+    pe = result.pr_early[pr_mode].numpy()  # (L, U, P)
+    pl = result.pr_late[pr_mode].numpy()
+    computed = set(result.computed_layers)
+    for i, layer in enumerate(result.layers):
+        for head in range(result.n_units):
+            ablated = r_v(pl[i, head], pe[i, head])  # (P,)
+            for p, pid in enumerate(prompt_ids):
+                is_computed = layer in computed
+                rows.append(
+                    {
+                        "prompt_id": pid,
+                        "layer": layer,
+                        "head": head,
+                        "unit": unit,
+                        "mode": mode,
+                        "pr_mode": pr_mode,
+                        "r_v_base": float(base_rv[p]),
+                        "r_v_ablated": float(ablated[p]) if is_computed else float(base_rv[p]),
+                        "impact": float(ablated[p] - base_rv[p]) if is_computed else 0.0,
+                        "pr_late_base": float(result.clean_late[pr_mode][p]),
+                        "pr_late_ablated": float(pl[i, head, p]),
+                        "computed": is_computed,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def head_summary(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFrame, float]:
+    """Per head: mean impact, bootstrap CI, t-test p, BH-adjusted p, rank; and the noise floor.
+
+    The noise floor is the half-width of the bootstrap 95 % CI of the clean mean R_V over the
+    prompts: an impact smaller than it is below what this prompt set can resolve.
+    """
+    base = table.drop_duplicates("prompt_id")["r_v_base"].to_numpy()
+    floor = float(noise_floor(base, n_boot=n_boot, seed=seed))
+    rows = []
+    for (layer, head), frame in table.groupby(["layer", "head"], sort=True):
+        impacts = frame["impact"].to_numpy(dtype=float)
+        computed = bool(frame["computed"].iloc[0])
+        if computed and np.isfinite(impacts).sum() >= 2:
+            ci = bootstrap_ci(impacts, n_boot=n_boot, seed=seed)
+            low, high = ci.low, ci.high
+            p = float(sps.ttest_1samp(impacts[np.isfinite(impacts)], 0.0).pvalue)
+        else:
+            low = high = 0.0 if not computed else float("nan")
+            p = float("nan")
+        rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "mean_impact": float(np.nanmean(impacts)) if computed else 0.0,
+                "ci_low": low,
+                "ci_high": high,
+                "p": p,
+                "pr_late_change": float((frame["pr_late_ablated"] - frame["pr_late_base"]).mean()),
+                "computed": computed,
+            }
+        )
+    summary = pd.DataFrame(rows)
+    mask = summary["computed"] & summary["p"].notna()
+    summary["p_bh"] = np.nan
+    if mask.any():
+        summary.loc[mask, "p_bh"] = benjamini_hochberg(summary.loc[mask, "p"].to_numpy())
+    summary["above_noise"] = summary["mean_impact"].abs() > floor
+    summary["rank"] = summary["mean_impact"].abs().rank(ascending=False, method="first").astype(int)
+    return summary.sort_values("rank", ignore_index=True), floor
+
+
+def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=None):
+    """``rloop ablate``: returns (run_dir, already_complete, headline)."""
+    from rloop.experiments.runner import (
+        execute,
+        load_prompt_set,
+        model_manifest,
+        prompts_manifest,
+    )
+    from rloop.models import load_model
+    from rloop.prompts import check_window
+
+    validate_config(config)
+    groups = config.groups or (["L5"] if config.prompts is None else None)
+    prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
+    prompts = list(prompt_set)[: config.max_prompts] if config.max_prompts else list(prompt_set)
+    reference = None
+    if config.mode == "mean":
+        reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
+    if lm is None:
+        lm = load_model(
+            config.model, revision=config.revision, device=config.device, dtype=config.dtype
+        )
+    adapter = lm.adapter
+    early, late, rule = resolve_layers(adapter, config.measure_layers)
+    layers = config.layers if config.layers is not None else list(range(adapter.n_layers))
+    for layer in layers:
+        adapter.check_layer(layer)
+    check_window(prompt_set.select_ids([p.id for p in prompts]), lm.tokenizer, config.window)
+    if reference is not None:
+        check_window(reference, lm.tokenizer, config.window)
+
+    def body(run) -> dict:
+        run.set_model(model_manifest(lm))
+        run.set_prompts(
+            prompts_manifest(prompt_set.select_ids([p.id for p in prompts]), lm.tokenizer)
+        )
+        started = time.perf_counter()
+        mean_z = None
+        if reference is not None:
+            mean_z = mean_activations(
+                lm.model,
+                adapter,
+                lm.tokenizer,
+                [p.text for p in reference],
+                sorted(set(layers)),
+                "z",
+            )
+            run.update_manifest(
+                mean_reference={"group": config.reference_group, "n": len(reference)}
+            )
+        batch = encode(lm.tokenizer, [p.text for p in prompts], lm.device)
+        with progress_bar("ablating heads", total=len([x for x in layers if x < late])) as advance:
+            result = head_sweep(
+                lm.model,
+                adapter,
+                batch,
+                layers,
+                early,
+                late,
+                config.window,
+                modes=[config.pr_mode],
+                unit=config.unit,
+                mean_z=mean_z,
+                max_rows=config.max_rows,
+                on_layer=lambda layer: advance(1),
+            )
+        seconds = time.perf_counter() - started
+        table = sweep_table(
+            result, [p.id for p in prompts], config.mode, config.unit, config.pr_mode
+        )
+        table["layer_early"], table["layer_late"] = early, late
+        summary, floor = head_summary(table, config.n_boot, config.seed)
+        run.write_table("results", table)
+        run.write_table("heads", summary)
+        _sweep_plots(summary, adapter, run.plot_path, config, early, late)
+        run.write_summary(_sweep_markdown(summary, floor, config, lm, early, late, rule, seconds))
+        run.update_manifest(
+            layers={"early": early, "late": late, "rule": rule, "swept": layers},
+            timings={"sweep_s": seconds},
+            noise_floor=floor,
+        )
+        top = summary.iloc[0]
+        return {
+            "noise_floor": floor,
+            "top_head": f"L{int(top.layer)}H{int(top.head)}",
+            "top_mean_impact": float(top.mean_impact),
+            "n_significant_bh05": int((summary["p_bh"] < 0.05).sum()),
+            "sweep_seconds": seconds,
+        }
+
+    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
+    from rloop import plotting
+
+    layers = sorted(summary["layer"].unique())
+    n_units = int(summary["head"].max()) + 1
+    grid = np.full((len(layers), n_units), np.nan)
+    for row in summary.itertuples():
+        grid[layers.index(row.layer), row.head] = row.mean_impact
+    plotting.heatmap(
+        grid,
+        plot_path("impact_heatmap"),
+        title=f"R_V impact of {config.mode}-ablating each {config.unit} head (R_V L{late}/L{early})",
+        xlabel="head",
+        ylabel="layer",
+        row_labels=[str(x) for x in layers],
+    )
+
+
+def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> str:
+    top = summary[summary["computed"]].head(config.top_k)
+    lines = [
+        "# Head ablation sweep",
+        "",
+        f"- model: {lm.name} ({lm.adapter.family}); {config.mode} ablation of {config.unit} heads "
+        "at the input of the attention output projection",
+        f"- R_V = PR(L{late}) / PR(L{early}) ({rule}), {config.pr_mode} PR, window {config.window}",
+        f"- heads at layers >= {late} cannot change V at layer {late}: impact exactly 0, not computed",
+        f"- noise floor (95 % CI half-width of the clean mean R_V): {floor:.4g}",
+        f"- heads with BH-adjusted p < 0.05: {int((summary['p_bh'] < 0.05).sum())}; "
+        f"above the noise floor: {int(summary['above_noise'].sum())}",
+        f"- sweep time: {seconds:.1f} s",
+        "",
+        f"## Top {config.top_k} heads by |mean impact|",
+        "",
+        "| rank | layer | head | mean impact | 95 % CI | p | p (BH) | above noise |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in top.itertuples():
+        lines.append(
+            f"| {row.rank} | {row.layer} | {row.head} | {row.mean_impact:+.4g} | "
+            f"{row.ci_low:+.3g}..{row.ci_high:+.3g} | {row.p:.3g} | {row.p_bh:.3g} | "
+            f"{'yes' if row.above_noise else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- group / layer
+def ablated_r_v(
+    lm,
+    texts: list[str],
+    edits: dict,
+    early: int,
+    late: int,
+    window: int,
+    pr_mode: str = "per-head",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clean R_V, ablated R_V) per prompt, (P,) each, for a dict of Trace edits."""
+    from rloop.batching import gather_windows
+
+    batch = encode(lm.tokenizer, texts, lm.device)
+    out = []
+    for e in ({}, edits):
+        with (
+            torch.no_grad(),
+            Trace(
+                lm.model,
+                lm.adapter,
+                capture=[address(early, "v"), address(late, "v")],
+                edits=e,
+                stop_after_point=address(late, "v"),
+            ) as tr,
+        ):
+            lm.model(**batch.model_inputs(), use_cache=False)
+        pe = window_pr(gather_windows(tr[address(early, "v")], batch.n_tokens, window), pr_mode)
+        pl = window_pr(gather_windows(tr[address(late, "v")], batch.n_tokens, window), pr_mode)
+        out.append(r_v(pl.numpy(), pe.numpy()))
+    return out[0], out[1]
+
+
+def group_ablation_edits(
+    adapter, heads: list[tuple[int, int]], unit: str = "query", mean_z=None
+) -> dict:
+    """Edits that ablate several (layer, head) pairs together (one z edit per layer)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    edits = {}
+    for layer, hs in by_layer.items():
+        hs = check_heads(adapter, layer, hs, unit)
+        keep = keep_mask(adapter, [hs], unit)  # (1, H)
+        edits[address(layer, "z")] = head_ablation_edit(
+            keep, None if mean_z is None else mean_z[layer]
+        )
+    return edits
+
+
+def layer_ablation_edits(layer: int, component: str = "attn_out", mean=None) -> dict:
+    """Edits that remove a whole attention block output (or MLP output) at ``layer``."""
+    if component not in ("attn_out", "mlp_out"):
+        raise ConfigError(f"component must be attn_out or mlp_out, got {component!r}")
+    return {address(layer, component): component_ablation_edit(mean)}
