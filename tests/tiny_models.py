@@ -83,11 +83,12 @@ def tiny_config(family: str):
 FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt_neox", "gpt2", "gptj")
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_model(
+    family: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"
+):
     torch.manual_seed(seed)
     config = tiny_config(family)
-    config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     # Larger-than-default weights so attention patterns are far from uniform.
     with torch.no_grad():
         for name, param in model.named_parameters():
