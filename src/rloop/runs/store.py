@@ -1,0 +1,479 @@
+"""A run directory being written: manifest, tables, summary, plots and resume checkpoints.
+
+Layout of a run directory::
+
+    <run_dir>/
+      manifest.json        status ("running" | "complete" | "failed"), experiment, config,
+                           config_hash, model, prompts, seed, tokens, timings, versions,
+                           code commit, host, run id, headline metrics
+      <name>.parquet/.csv  tidy tables (``results`` first of all)
+      summary.md
+      plots/<name>.png
+      partial/<key>.parquet  resume checkpoints while running; removed on completion
+
+Every file is written to a temporary file in the same directory and moved into place with
+``os.replace``, so a crash mid-write leaves the previous version intact, never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import pandas as pd
+
+from rloop.errors import RunStoreError
+from rloop.runs import environment
+
+MANIFEST_NAME = "manifest.json"
+PARTIAL_DIR = "partial"
+PLOTS_DIR = "plots"
+MANIFEST_SCHEMA = 1
+RUNS_ROOT_ENV = "RLOOP_RUNS"
+DEFAULT_RUNS_ROOT = "rloop-runs"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---------------------------------------------------------------------------- JSON and hashing
+
+
+def json_default(value: object) -> object:
+    """Make config/manifest values JSON-serialisable: paths, numpy scalars/arrays, sets."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
+        return value.tolist()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+def canonical_json(value: object) -> str:
+    """Compact JSON with sorted keys: equal configs give equal strings."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), default=json_default, ensure_ascii=False
+    )
+
+
+def config_hash(config: dict) -> str:
+    """First 12 hex digits of the sha256 of the canonical JSON of ``config``.
+
+    Key order does not matter; tuples hash like lists and paths like their strings, so a
+    config read back from a manifest hashes like the one that wrote it.
+    """
+    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()[:12]
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601 with milliseconds, e.g. ``2025-01-31T12:00:00.123+00:00``."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def runs_root() -> Path:
+    """Root of the run store: ``$RLOOP_RUNS`` if set, else ``./rloop-runs``."""
+    return Path(os.environ.get(RUNS_ROOT_ENV) or DEFAULT_RUNS_ROOT).expanduser()
+
+
+def path_slug(text: str, max_length: int = 80) -> str:
+    """A file-name-safe version of a model name: ``org/model`` -> ``org--model``."""
+    slug = text.strip().replace("/", "--").replace("\\", "--")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug).strip("._-")
+    return slug[:max_length] or "model"
+
+
+def default_run_dir(root: Path, experiment: str, model_name: str, config: dict) -> Path:
+    """``root/<experiment>-<model>-<config hash>``: the same request always lands in the same
+    directory, which is what lets an interrupted run resume."""
+    return Path(root) / f"{path_slug(experiment)}-{path_slug(model_name)}-{config_hash(config)}"
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it into place.
+
+    If ``write`` raises (or the process dies), ``path`` keeps its previous content; the
+    temporary file is removed on exceptions (a killed process may leave a hidden ``.*.tmp``).
+    """
+    path = Path(path)
+    tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # os.open with mode 0o666 honours the umask (tempfile.mkstemp would force 0o600).
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """The manifest of ``run_dir``; RunStoreError if it is missing or unreadable."""
+    manifest_path = Path(run_dir) / MANIFEST_NAME
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunStoreError(
+            f"{run_dir} is not a run directory (no {MANIFEST_NAME}); "
+            "list runs with `rloop runs list`"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise RunStoreError(f"cannot read {manifest_path}: {err}") from None
+
+
+def one_line_error(error: BaseException, max_length: int = 500) -> str:
+    """``"ValueError: first line of the message"``, at most ``max_length`` characters."""
+    message = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    return text if len(text) <= max_length else text[: max_length - 3] + "..."
+
+
+def _check_name(name: str, what: str) -> str:
+    if not _SAFE_NAME.match(name):
+        raise RunStoreError(
+            f"bad {what} name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+def _new_run_id() -> str:
+    """Sortable and unique across processes, e.g. ``20250131-120000-3fa9c1``."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class Run:
+    """A run directory being written. Open with :meth:`Run.open`, preferably as a context
+    manager, which marks the run failed if the block raises (and re-raises)::
+
+        with Run.open(run_dir, experiment="contraction", config=cfg) as run:
+            if run.already_complete:
+                ...  # results are already there
+            run.save_partial("batch-00000", rows)
+            run.write_table("results", df)
+            run.complete()
+
+    Attributes: ``path`` (the run directory), ``manifest`` (the manifest dict as written),
+    ``already_complete`` (True when the directory held a complete run of the same config),
+    ``resumed`` (True when an unfinished run of the same config was picked up).
+    """
+
+    def __init__(self, path: Path, manifest: dict, *, index_root: Path | None) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.index_root = index_root
+        self.already_complete = manifest.get("status") == STATUS_COMPLETE
+        self.resumed = False
+        self._written_since_open = False
+        self._completed_here = False
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        run_dir: Path,
+        *,
+        experiment: str,
+        config: dict,
+        resume: bool = True,
+        index_root: Path | None = None,
+    ) -> Run:
+        """Create (or reopen) the run directory ``run_dir`` for ``experiment`` with ``config``.
+
+        - new or empty directory: a fresh run with status "running";
+        - same experiment and config hash, not complete: resumed (``partial/`` is kept) when
+          ``resume`` is True, else started afresh (previous checkpoints, tables and plots are
+          removed);
+        - same experiment and config, complete: ``already_complete`` is True and nothing is
+          changed when ``resume`` is True; started afresh when ``resume`` is False;
+        - anything else in the directory: RunStoreError (pick another ``--out``).
+
+        ``index_root`` is the run store whose index records this run (default: runs_root()).
+        """
+        run_dir = Path(run_dir).expanduser().absolute()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunStoreError(
+                f"cannot write run directory {run_dir}: {err.strerror or err}; "
+                "choose another with --out"
+            ) from None
+        index_root = Path(index_root) if index_root is not None else runs_root()
+        wanted_hash = config_hash(config)
+        manifest_path = run_dir / MANIFEST_NAME
+
+        if manifest_path.exists():
+            manifest = read_manifest(run_dir)
+            same = (
+                manifest.get("experiment") == experiment
+                and manifest.get("config_hash") == wanted_hash
+            )
+            if not same:
+                raise RunStoreError(
+                    f"run directory {run_dir} holds another run "
+                    f"({manifest.get('experiment')}, config {manifest.get('config_hash')}; "
+                    f"this one is {experiment}, config {wanted_hash}); "
+                    "choose another with --out or delete that directory"
+                )
+            run = cls(run_dir, manifest, index_root=index_root)
+            if resume and run.already_complete:
+                # A crash between writing "complete" and removing checkpoints leaves them.
+                shutil.rmtree(run_dir / PARTIAL_DIR, ignore_errors=True)
+                return run
+            if resume:
+                run.resumed = True
+                run.manifest["status"] = STATUS_RUNNING
+                run.manifest["error"] = None
+                run.manifest.setdefault("resumes", []).append(
+                    {"time": now_iso(), "host": environment.host_info()["hostname"]}
+                )
+                run._write_manifest()
+                run._register()
+                return run
+            run._clear_outputs()
+        elif any(not entry.name.startswith(".") for entry in run_dir.iterdir()):
+            raise RunStoreError(
+                f"{run_dir} exists and is not an rloop run directory (no {MANIFEST_NAME}); "
+                "choose another with --out"
+            )
+
+        run = cls(
+            run_dir, cls._fresh_manifest(experiment, config, wanted_hash), index_root=index_root
+        )
+        run._write_manifest()
+        run._register()
+        return run
+
+    @staticmethod
+    def _fresh_manifest(experiment: str, config: dict, hash12: str) -> dict:
+        # A JSON round trip stores exactly what will be read back (paths as strings, ...).
+        config_plain = json.loads(canonical_json(config))
+        return {
+            "schema": MANIFEST_SCHEMA,
+            "run_id": _new_run_id(),
+            "experiment": experiment,
+            "status": STATUS_RUNNING,
+            "error": None,
+            "config": config_plain,
+            "config_hash": hash12,
+            "model": {"name": config_plain.get("model")},
+            "prompts": {},
+            "seed": config_plain.get("seed"),
+            "tokens": {},
+            "timings": {"started": now_iso(), "finished": None},
+            "versions": environment.package_versions(),
+            "code": environment.code_commit(),
+            "host": environment.host_info(),
+            "tables": [],
+            "headline": {},
+        }
+
+    def _clear_outputs(self) -> None:
+        """Remove what a previous run of this config wrote (a forced re-run starts clean)."""
+        shutil.rmtree(self.path / PARTIAL_DIR, ignore_errors=True)
+        shutil.rmtree(self.path / PLOTS_DIR, ignore_errors=True)
+        for name in self.manifest.get("tables", []):
+            for suffix in (".parquet", ".csv"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / f"{name}{suffix}").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / "summary.md").unlink()
+
+    # ------------------------------------------------------------------ manifest
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    @property
+    def status(self) -> str:
+        return self.manifest["status"]
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self.manifest, indent=2, sort_keys=False, default=json_default)
+        try:
+            atomic_write_text(self.path / MANIFEST_NAME, text + "\n")
+        except OSError as err:
+            raise RunStoreError(
+                f"cannot write run directory {self.path}: {err.strerror or err}; "
+                "choose another with --out"
+            ) from None
+
+    def _register(self) -> None:
+        """Record the run in the index. Best effort: the manifest is the source of truth and
+        ``reindex`` rebuilds the index from manifests, so an index error only warns."""
+        from rloop.runs.index import register_run
+
+        try:
+            register_run(self.index_root, self.manifest, self.path)
+        except Exception as err:  # the run itself must not die because of the index
+            warnings.warn(
+                f"run {self.run_id} not recorded in the index of {self.index_root} "
+                f"({one_line_error(err)}); run `rloop runs list --reindex` to recover",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def update_manifest(self, **fields: object) -> None:
+        """Set manifest fields and rewrite it atomically. A dict value is merged into an
+        existing dict field (``update_manifest(timings={"measure": 3.2})`` keeps ``started``);
+        anything else replaces the field."""
+        for key, value in fields.items():
+            current = self.manifest.get(key)
+            if isinstance(value, dict) and isinstance(current, dict):
+                current.update(json.loads(json.dumps(value, default=json_default)))
+            else:
+                self.manifest[key] = json.loads(json.dumps(value, default=json_default))
+        self._written_since_open = True
+        self._write_manifest()
+
+    def set_model(self, loaded_model_info: dict) -> None:
+        """Record the model: name, source, path, revision, weights_sha256, dtype, device, ..."""
+        self.update_manifest(model=dict(loaded_model_info))
+
+    def set_prompts(self, info: dict) -> None:
+        """Record the prompt bank: source, version, sha256, n (and token counts if given)."""
+        self.update_manifest(prompts=dict(info))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.path / PARTIAL_DIR
+
+    def save_partial(self, key: str, rows: list[dict] | pd.DataFrame) -> None:
+        """Save one resume checkpoint (e.g. the rows of one batch) as ``partial/<key>.parquet``.
+
+        Atomic: after a crash a key is either fully saved or absent from ``finished_keys``.
+        """
+        _check_name(key, "checkpoint")
+        frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+        self.partial_dir.mkdir(exist_ok=True)
+        self._written_since_open = True
+        atomic_write(self.partial_dir / f"{key}.parquet", lambda tmp: frame.to_parquet(tmp))
+
+    def finished_keys(self) -> set[str]:
+        """Keys of the checkpoints saved so far (this session or before an interruption)."""
+        if not self.partial_dir.is_dir():
+            return set()
+        return {p.stem for p in self.partial_dir.glob("*.parquet") if not p.name.startswith(".")}
+
+    def load_partials(self) -> pd.DataFrame:
+        """All checkpoints concatenated in key order; an empty frame when there are none."""
+        keys = sorted(self.finished_keys())
+        frames = [pd.read_parquet(self.partial_dir / f"{key}.parquet") for key in keys]
+        frames = [frame for frame in frames if len(frame.columns)]
+        if not frames:
+            return pd.DataFrame()
+        return pd.concat(frames, ignore_index=True)
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_table(self, name: str, df: pd.DataFrame) -> None:
+        """Write ``<name>.parquet`` and ``<name>.csv`` atomically and list the table in the
+        manifest."""
+        _check_name(name, "table")
+        self._written_since_open = True
+        atomic_write(self.path / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_write(self.path / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False))
+        if name not in self.manifest.setdefault("tables", []):
+            self.manifest["tables"].append(name)
+            self._write_manifest()
+
+    def write_summary(self, markdown: str) -> None:
+        """Write ``summary.md`` atomically."""
+        self._written_since_open = True
+        atomic_write_text(self.path / "summary.md", markdown)
+
+    def plot_path(self, name: str) -> Path:
+        """``plots/<name>.png`` (the directory is created). Save with
+        ``atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))`` to stay atomic."""
+        _check_name(name, "plot")
+        self._written_since_open = True
+        plots = self.path / PLOTS_DIR
+        plots.mkdir(exist_ok=True)
+        return plots / f"{name}.png"
+
+    # ------------------------------------------------------------------ ending
+
+    def complete(self) -> None:
+        """Mark the run complete, record the finish time, drop ``partial/``, index it."""
+        finished = now_iso()
+        timings = self.manifest.setdefault("timings", {})
+        timings["finished"] = finished
+        started = timings.get("started")
+        if started:
+            elapsed = dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)
+            timings["elapsed_seconds"] = elapsed.total_seconds()
+        self.manifest["status"] = STATUS_COMPLETE
+        self.manifest["error"] = None
+        self._completed_here = True
+        self._write_manifest()  # first: a crash after this leaves a complete run + stale checkpoints
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        self._register()
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the run failed with a one-line error (full traceback kept in the manifest)."""
+        self.manifest["status"] = STATUS_FAILED
+        self.manifest["error"] = one_line_error(error)
+        self.manifest["error_traceback"] = "".join(
+            traceback.format_exception(type(error), error, error.__traceback__)
+        )[-20000:]
+        self.manifest.setdefault("timings", {})["failed"] = now_iso()
+        self._write_manifest()
+        self._register()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            return False
+        # A complete run stays complete only if its outputs are the ones it completed with.
+        still_complete = self.manifest.get("status") == STATUS_COMPLETE and (
+            self._completed_here or not self._written_since_open
+        )
+        if not still_complete:
+            with contextlib.suppress(Exception):  # never mask the original error
+                self.fail(exc)
+        return False
