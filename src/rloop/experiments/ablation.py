@@ -159,7 +159,6 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
         model_manifest,
         prompts_manifest,
     )
-    from rloop.models import load_model
     from rloop.prompts import check_window
 
     validate_config(config)
@@ -170,6 +169,8 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     if config.mode == "mean":
         reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
     if lm is None:
+        from rloop.models import load_model
+
         lm = load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )

@@ -134,8 +134,13 @@ def _r_v_rows(profile: pd.DataFrame, early: int, late: int, meta: pd.DataFrame) 
     for (pid, mode), row in zip(out[keys].itertuples(index=False), out.itertuples(), strict=True):
         reason = None
         if math.isnan(row.r_v):
-            reason = e.loc[(pid, mode), "nan_reason"] or lt.loc[(pid, mode), "nan_reason"]
-            reason = reason or "PR of the early layer is zero"
+            candidates = [e.loc[(pid, mode), "nan_reason"], lt.loc[(pid, mode), "nan_reason"]]
+            known = [
+                f"layer {layer}: {c}"
+                for layer, c in zip((early, late), candidates, strict=True)
+                if isinstance(c, str)
+            ]
+            reason = "; ".join(known) or "PR of the early layer is zero"
         reasons.append(reason)
     out["nan_reason"] = reasons
     out = meta.merge(out, on="prompt_id")
@@ -317,12 +322,13 @@ def run_contraction(
         model_manifest,
         prompts_manifest,
     )
-    from rloop.models import load_model
     from rloop.prompts import check_window
 
     validate_config(config)
     prompt_set = load_prompt_set(config.prompts, config.bank_version, config.groups)
     if lm is None:
+        from rloop.models import load_model
+
         lm = load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
