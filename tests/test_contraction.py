@@ -4,48 +4,16 @@ R_V equals an independent float64 numpy computation, and the run record is compl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from rloop.adapters import adapter_for
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.contraction import ContractionConfig, measure_contraction, run_contraction
 from rloop.prompts import Prompt, PromptSet
-from tests.tiny_models import VOCAB, tiny_model
-
-
-class WordTokenizer:
-    """Maps each whitespace-separated integer to that token id (no special tokens)."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts, **kwargs):
-        if isinstance(texts, str):
-            return {"input_ids": [int(w) % VOCAB for w in texts.split()]}
-        return {"input_ids": [[int(w) % VOCAB for w in t.split()] for t in texts]}
-
-
-@dataclass
-class TinyLM:
-    model: torch.nn.Module
-    tokenizer: WordTokenizer
-    adapter: object
-    name: str = "tiny"
-    source: str = "test"
-    path: str = "-"
-    revision: str | None = None
-    weights_sha256: str = "0" * 64
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-
-
-def tiny_lm(family: str = "llama") -> TinyLM:
-    model = tiny_model(family)
-    return TinyLM(model, WordTokenizer(), adapter_for(model))
+from tests.tiny_models import VOCAB, tiny_lm
 
 
 def prompt_set(n_per_group: int = 4, seed: int = 0) -> PromptSet:

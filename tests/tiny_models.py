@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -83,9 +85,7 @@ def tiny_config(family: str):
 FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt_neox", "gpt2", "gptj")
 
 
-def tiny_model(
-    family: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"
-):
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"):
     torch.manual_seed(seed)
     config = tiny_config(family)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
@@ -95,3 +95,37 @@ def tiny_model(
             if param.dim() >= 2 and "embed" not in name and "wte" not in name:
                 param.normal_(0.0, 0.15)
     return model.to(dtype).eval()
+
+
+class WordTokenizer:
+    """Maps each whitespace-separated integer to that token id (no special tokens)."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, **kwargs):
+        if isinstance(texts, str):
+            return {"input_ids": [int(w) % VOCAB for w in texts.split()]}
+        return {"input_ids": [[int(w) % VOCAB for w in t.split()] for t in texts]}
+
+
+@dataclass
+class TinyLM:
+    """Duck-typed stand-in for rloop.models.LoadedModel around a tiny model."""
+
+    model: torch.nn.Module
+    tokenizer: WordTokenizer
+    adapter: object
+    name: str = "tiny"
+    source: str = "test"
+    path: str = "-"
+    revision: str | None = None
+    weights_sha256: str = "0" * 64
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+
+def tiny_lm(family: str = "llama") -> TinyLM:
+    from rloop.adapters import adapter_for
+
+    model = tiny_model(family)
+    return TinyLM(model, WordTokenizer(), adapter_for(model))
