@@ -51,9 +51,13 @@ def pr_profile(profile: pd.DataFrame, path: Path, early: int, late: int) -> Path
     for ax, mode in zip(axes[0], modes, strict=True):
         frame = profile[profile.pr_mode == mode]
         stats = frame.groupby(["group", "layer"])["pr"].agg(["mean", "sem"]).reset_index()
-        for group, g in stats.groupby("group"):
-            ax.plot(g["layer"], g["mean"], label=group, lw=1.2)
-            ax.fill_between(g["layer"], g["mean"] - g["sem"], g["mean"] + g["sem"], alpha=0.15)
+        colours = plt.get_cmap("tab20")
+        for i, (group, g) in enumerate(stats.groupby("group")):
+            colour = colours(i % 20)
+            ax.plot(g["layer"], g["mean"], label=group, lw=1.2, color=colour)
+            ax.fill_between(
+                g["layer"], g["mean"] - g["sem"], g["mean"] + g["sem"], alpha=0.15, color=colour
+            )
         for layer in (early, late):
             ax.axvline(layer, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("layer")
