@@ -164,3 +164,51 @@ def test_bad_settings_write_nothing(tmp_path) -> None:
     with pytest.raises(PromptError):
         run_contraction(ContractionConfig(prompts=str(tmp_path / "missing.csv")), out=out, lm=lm)
     assert not out.exists()
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
+    import rloop.experiments.contraction as contraction_module
+
+    lm = tiny_lm()
+    prompts_file = tmp_path / "prompts.jsonl"
+    with prompts_file.open("w") as f:
+        for p in prompt_set(4):
+            f.write(json.dumps({"id": p.id, "group": p.group, "text": p.text}) + "\n")
+    config = ContractionConfig(
+        prompts=str(prompts_file), layers=[0, 2], window=5, n_boot=200, batch_size=2
+    )
+    out = tmp_path / "run"
+    real_table = contraction_module.window_pr_table
+    calls = []
+
+    def failing_table(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third batch
+        return real_table(*args, **kwargs)
+
+    monkeypatch.setattr(contraction_module, "window_pr_table", failing_table)
+    with pytest.raises(KeyboardInterrupt):
+        run_contraction(config, out=out, lm=lm)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert not (out / "results.csv").exists()  # nothing that looks complete
+    assert len(list((out / "partial").iterdir())) == 2
+
+    calls.clear()
+    monkeypatch.setattr(
+        contraction_module,
+        "window_pr_table",
+        lambda *a, **k: (calls.append(1), real_table(*a, **k))[1],
+    )
+    run_contraction(config, out=out, lm=lm)
+    assert len(calls) == 2  # 4 batches in all, 2 were already done
+    resumed = pd.read_csv(out / "results.csv").sort_values(
+        ["pr_mode", "prompt_id"], ignore_index=True
+    )
+    fresh_dir, _, _ = run_contraction(config, out=tmp_path / "fresh", lm=lm)
+    fresh = pd.read_csv(fresh_dir / "results.csv").sort_values(
+        ["pr_mode", "prompt_id"], ignore_index=True
+    )
+    pd.testing.assert_frame_equal(resumed, fresh)
