@@ -184,6 +184,9 @@ def _mount_optional_apps() -> None:
     from rloop.cli_runs import runs_app
 
     app.add_typer(runs_app, name="runs", help="List, show and compare runs in the run store.")
+    from rloop import cli_sweeps
+
+    cli_sweeps.register(app)
 
 
 _mount_optional_apps()
