@@ -77,20 +77,14 @@ def plan_batches(
 
 
 def gather_windows(values: torch.Tensor, n_tokens: Sequence[int], window: int) -> torch.Tensor:
-    """The last ``window`` real tokens of each right-padded row.
+    """The last ``window`` real tokens of each right-padded row: (B, T, ...) -> (B, W, ...).
 
-    values: (B, T, ...) -> (B, W, ...). Raises PromptError naming the row if it is too short.
+    A thin wrapper over :func:`rloop.metrics.last_real_window` for batches described by their
+    real-token counts; raises PromptError naming each row that is too short.
     """
-    if window < 2:
-        raise ConfigError(f"window must be at least 2 tokens, got {window}")
-    short = [(i, n) for i, n in enumerate(n_tokens) if n < window]
-    if short:
-        listed = ", ".join(f"row {i} ({n} tokens)" for i, n in short)
-        raise PromptError(f"prompts shorter than the {window}-token window: {listed}")
-    index = torch.tensor(
-        [list(range(n - window, n)) for n in n_tokens], device=values.device
-    )  # (B, W)
-    index = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(
-        -1, -1, *values.shape[2:]
-    )  # (B, W, ...)
-    return values.gather(1, index)  # (B, W, ...)
+    from rloop.metrics import last_real_window
+
+    positions = torch.arange(values.shape[1], device=values.device)  # (T,)
+    counts = torch.tensor(list(n_tokens), device=values.device)  # (B,)
+    mask = positions[None, :] < counts[:, None]  # (B, T) right padding
+    return last_real_window(values, mask, window)

@@ -82,7 +82,7 @@ def head_sweep(
     modes: Sequence[str] = ("per-head",),
     unit: str = "query",
     mean_z: dict[int, torch.Tensor] | None = None,
-    max_rows: int = 256,
+    max_rows: int = 512,
     on_layer: Callable[[int], None] | None = None,
 ) -> SweepResult:
     """Ablate each head (or KV group) of ``layers`` in turn; PR at early/late per prompt.
@@ -117,36 +117,48 @@ def head_sweep(
     pr_late = {m: clean_late[m].expand(shape).clone() for m in modes}
     row_of = {layer: i for i, layer in enumerate(layers)}
 
-    per_chunk = max(1, max_rows // n_prompts)  # variants per stacked forward
+    # Every (unit, prompt) pair is one row; rows are ordered by prompt length so that each
+    # stacked chunk is trimmed to its own longest prompt (right padding: trimming the tail
+    # removes pad columns only).
+    pairs = sorted(
+        ((u, p) for u in range(n_units) for p in range(n_prompts)),
+        key=lambda up: (batch.n_tokens[up[1]], up[1], up[0]),
+    )
     for layer in todo:
         resid = clean[address(layer, "resid_pre")]  # (P, T, d)
-        for start in range(0, n_units, per_chunk):
-            units = list(range(start, min(n_units, start + per_chunk)))
-            keep = keep_mask(adapter, [[u] for u in units], unit)  # (V, H)
-            stacked = {k: v.repeat(len(units), 1) for k, v in inputs.items()}  # (V*P, T)
-            edit = head_ablation_edit(
-                keep, None if mean_z is None else mean_z[layer], rows_per_variant=n_prompts
-            )
+        for start in range(0, len(pairs), max_rows):
+            chunk = pairs[start : start + max_rows]
+            units = [u for u, _ in chunk]
+            prompts = torch.tensor([p for _, p in chunk], device=resid.device)  # (N,)
+            lengths = [batch.n_tokens[p] for _, p in chunk]
+            width = max(lengths)
+            keep = keep_mask(adapter, [[u] for u in units], unit)  # (N, H), one row each
+            stacked = {k: v[prompts, :width] for k, v in inputs.items()}  # (N, T')
+            edit = head_ablation_edit(keep, None if mean_z is None else mean_z[layer])
             capture = [v_late] + ([v_early] if layer < early else [])
-            with torch.no_grad(), SkipBlocks(model, adapter, layer, resid.repeat(len(units), 1, 1)):
-                with Trace(
+            with (
+                torch.no_grad(),
+                SkipBlocks(model, adapter, layer, resid[prompts, :width]),
+                Trace(
                     model,
                     adapter,
                     capture=capture,
                     edits={address(layer, "z"): edit},
                     stop_after_point=v_late,
-                ) as tr:
-                    model(**stacked, use_cache=False)
-            lengths = batch.n_tokens * len(units)
-            late_windows = gather_windows(tr[v_late], lengths, window)  # (V*P, W, Hkv, D)
+                ) as tr,
+            ):
+                model(**stacked, use_cache=False)
+            unit_index = torch.tensor(units)
+            prompt_index = prompts.cpu()
+            late_windows = gather_windows(tr[v_late], lengths, window)  # (N, W, Hkv, D)
             for m in modes:
-                values = window_pr(late_windows, m).view(len(units), n_prompts)
-                pr_late[m][row_of[layer], start : start + len(units)] = values
+                pr_late[m][row_of[layer], unit_index, prompt_index] = window_pr(late_windows, m)
             if layer < early:
                 early_windows = gather_windows(tr[v_early], lengths, window)
                 for m in modes:
-                    values = window_pr(early_windows, m).view(len(units), n_prompts)
-                    pr_early[m][row_of[layer], start : start + len(units)] = values
+                    pr_early[m][row_of[layer], unit_index, prompt_index] = window_pr(
+                        early_windows, m
+                    )
         if on_layer is not None:
             on_layer(layer)
     return SweepResult(

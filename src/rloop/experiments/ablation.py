@@ -57,7 +57,7 @@ class AblationConfig:
     pr_mode: str = "per-head"
     unit: str = "query"  # query | kv_group
     top_k: int = 10
-    max_rows: int = 256
+    max_rows: int = 512
     n_boot: int = 2000
     seed: int = 0
     dtype: str | None = None
