@@ -70,6 +70,7 @@ def load_gguf(path: Path, dtype):
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -81,6 +82,7 @@ def load_gguf(path: Path, dtype):
         raise ModelLoadError(f"cannot load GGUF file {path}: {err}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
