@@ -43,7 +43,9 @@ def test_sweep_equals_one_forward_per_head(family: str, mode: str) -> None:
     early, late = 1, 2
     layers = [0, 1, 2]
     # max_rows=5 forces chunking (2 variants x 3 prompts would be 6 rows).
-    result = head_sweep(model, adapter, batch, layers, early, late, WINDOW, modes=[mode], max_rows=5)
+    result = head_sweep(
+        model, adapter, batch, layers, early, late, WINDOW, modes=[mode], max_rows=5
+    )
     assert result.computed_layers == [0, 1]
     for i, layer in enumerate(layers):
         for head in range(adapter.n_heads):
@@ -53,7 +55,9 @@ def test_sweep_equals_one_forward_per_head(family: str, mode: str) -> None:
             torch.testing.assert_close(result.pr_late[mode][i, head], ref_late, rtol=1e-5, atol=0)
             torch.testing.assert_close(result.pr_early[mode][i, head], ref_early, rtol=1e-5, atol=0)
     # Causality: a head at the late layer cannot change V there; reported as the clean value.
-    torch.testing.assert_close(result.pr_late[mode][2], result.clean_late[mode].expand(adapter.n_heads, -1))
+    torch.testing.assert_close(
+        result.pr_late[mode][2], result.clean_late[mode].expand(adapter.n_heads, -1)
+    )
 
 
 def test_kv_group_and_mean_ablation_match_reference() -> None:
@@ -63,18 +67,28 @@ def test_kv_group_and_mean_ablation_match_reference() -> None:
     texts = [" ".join(str(t) for t in range(3, 3 + n)) for n in (6, 9, 5)]
     mean_z = mean_activations(model, adapter, _WordTokenizer(), texts, [0, 1], "z")
     assert mean_z[0].shape == (adapter.n_heads, adapter.d_head)
-    result = head_sweep(
-        model, adapter, batch, [0, 1], 1, 2, WINDOW, unit="kv_group", mean_z=mean_z
-    )
+    result = head_sweep(model, adapter, batch, [0, 1], 1, 2, WINDOW, unit="kv_group", mean_z=mean_z)
     assert result.n_units == adapter.n_kv_heads
     for i, layer in enumerate([0, 1]):
         for group in range(adapter.n_kv_heads):
             ref_early, ref_late = single_head_reference(
-                model, adapter, batch, layer, group, 1, 2, WINDOW, unit="kv_group",
+                model,
+                adapter,
+                batch,
+                layer,
+                group,
+                1,
+                2,
+                WINDOW,
+                unit="kv_group",
                 mean_z=mean_z[layer],
             )
-            torch.testing.assert_close(result.pr_late["per-head"][i, group], ref_late, rtol=1e-5, atol=0)
-            torch.testing.assert_close(result.pr_early["per-head"][i, group], ref_early, rtol=1e-5, atol=0)
+            torch.testing.assert_close(
+                result.pr_late["per-head"][i, group], ref_late, rtol=1e-5, atol=0
+            )
+            torch.testing.assert_close(
+                result.pr_early["per-head"][i, group], ref_early, rtol=1e-5, atol=0
+            )
 
 
 def test_mean_activations_is_the_masked_token_mean() -> None:

@@ -349,7 +349,7 @@ def test_cli_list_show_compare_and_bad_id(tmp_path):
     runner = CliRunner()
     wide = {"COLUMNS": "300"}
 
-    listed = runner.invoke(runs_app, ["list", "--root", str(tmp_path)], env=wide)
+    listed = runner.invoke(runs_app, ["list", "--root", str(tmp_path), "--metrics"], env=wide)
     assert listed.exit_code == 0, listed.output
     assert all(run_id in listed.output for run_id in ids)
     assert "0.875" in listed.output and "0.625" in listed.output

@@ -65,8 +65,11 @@ def list_command(
     rebuild: bool = typer.Option(
         False, "--reindex", help="Rebuild the index from the manifests on disk first."
     ),
+    metrics: bool = typer.Option(
+        False, "--metrics", help="Add every run's headline metrics as columns (wide)."
+    ),
 ) -> None:
-    """List runs, oldest first, with their headline metrics.
+    """List runs, oldest first (add --metrics for their headline metrics).
 
     Example: rloop runs list --experiment contraction --status complete
     """
@@ -83,6 +86,9 @@ def list_command(
     runs = runs.rename(columns={"path": "directory"})
     for column in ("started", "finished"):
         runs[column] = runs[column].map(_short_time)
+    if not metrics:
+        base = ["id", "experiment", "model", "status", "finished", "directory"]
+        runs = runs[[c for c in base if c in runs.columns]]
     table = Table(title=f"{len(runs)} run(s)")
     for column in runs.columns:
         table.add_column(str(column), overflow="fold", no_wrap=column == "id")
