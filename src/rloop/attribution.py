@@ -110,8 +110,8 @@ def head_gradients(
         z = kept[layer].detach().double()  # (P, T, H, D)
         grad = kept[layer].grad
         grad = torch.zeros_like(z) if grad is None else grad.double() * mask  # (P, T, H, D)
-        saliency[i] = grad.square().sum(dim=(1, 3)).sqrt().T  # (H, P)
+        saliency[i] = grad.square().sum(dim=(1, 3)).sqrt().T.cpu()  # (H, P)
         target = torch.zeros_like(z) if mean_z is None else mean_z[layer].double()[None, None]
         delta = (target - z) * mask  # (P, T, H, D)
-        attribution[i] = (grad * delta).sum(dim=(1, 3)).T  # (H, P)
-    return HeadGradients(layers, r_v.detach(), saliency, attribution)
+        attribution[i] = (grad * delta).sum(dim=(1, 3)).T.cpu()  # (H, P)
+    return HeadGradients(layers, r_v.detach().cpu(), saliency, attribution)

@@ -58,7 +58,7 @@ def SkipBlocks(model: nn.Module, adapter: Adapter, start_layer: int, resid: torc
 
 @dataclass
 class SweepResult:
-    """pr_early / pr_late: mode -> (n_layers_swept, n_units, n_prompts) float64 tensors;
+    """pr_early / pr_late: mode -> (n_layers_swept, n_units, n_prompts) float64 CPU tensors;
     clean_early / clean_late: mode -> (n_prompts,)."""
 
     layers: list[int]
@@ -161,8 +161,19 @@ def head_sweep(
                     )
         if on_layer is not None:
             on_layer(layer)
+
+    def cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: t.cpu() for m, t in values.items()}
+
     return SweepResult(
-        list(layers), n_units, unit, pr_early, pr_late, clean_early, clean_late, todo
+        list(layers),
+        n_units,
+        unit,
+        cpu(pr_early),
+        cpu(pr_late),
+        cpu(clean_early),
+        cpu(clean_late),
+        todo,
     )
 
 
