@@ -139,6 +139,83 @@ def contraction(
     run_guarded(go)
 
 
+@app.command()
+def ablate(
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Registry name, hub id, local dir or .gguf file."
+    ),
+    revision: str = typer.Option(None, help="Hub revision."),
+    prompts: Path = typer.Option(
+        None, "--prompts", "-p", help="Prompt file; default: the shipped bank's L5 group."
+    ),
+    groups: str = typer.Option(
+        None, help="Comma-separated groups to use (default L5 from the bank, all of a file)."
+    ),
+    max_prompts: int = typer.Option(10, help="Use at most this many prompts (0 = all)."),
+    layers: str = typer.Option(
+        None, help="Layers whose heads are swept, e.g. 15-30 or 3,7 (default all)."
+    ),
+    mode: str = typer.Option("zero", help="zero | mean (mean over --reference-group)."),
+    reference_group: str = typer.Option("factual", help="Mean-ablation reference prompt group."),
+    unit: str = typer.Option("query", help="query | kv_group (GQA: ablate a whole KV group)."),
+    measure_layers: str = typer.Option(None, help="EARLY,LATE layers of R_V (default by depth)."),
+    window: int = typer.Option(16, help="Window: the last W real tokens of each prompt."),
+    pr_mode: str = typer.Option("per-head", help="per-head | whole."),
+    top_k: int = typer.Option(10, help="Heads listed in the summary."),
+    max_rows: int = typer.Option(
+        512, help="Rows (head x prompt) per stacked forward: the memory budget."
+    ),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples for CIs."),
+    seed: int = typer.Option(0, help="Seed of every bootstrap."),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 | float64."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: auto)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory."),
+    force: bool = typer.Option(
+        False, help="Recompute even if the run directory holds a complete run."
+    ),
+) -> None:
+    """Exact head-ablation sweep: R_V with each head ablated, per prompt x head.
+
+    Batched (one row per head x prompt), reusing the clean activations below each layer and
+    stopping at the late layer's V; heads at layers >= the late layer are exactly 0.
+
+    Examples:
+
+      rloop ablate                                         # all 270 heads, 10 L5 prompts
+
+      rloop ablate --layers 15-28 --measure-layers 5,28 --mode mean --reference-group factual
+
+      rloop ablate --unit kv_group --pr-mode whole --out runs/kv-sweep
+    """
+    from rloop.experiments.ablation import AblationConfig, run_head_sweep
+
+    def go():
+        config = AblationConfig(
+            model=model,
+            revision=revision,
+            prompts=str(prompts) if prompts is not None else None,
+            groups=[g.strip() for g in groups.split(",")] if groups else None,
+            max_prompts=max_prompts or None,
+            layers=parse_int_list(layers, "--layers"),
+            mode=mode,
+            reference_group=reference_group,
+            unit=unit,
+            measure_layers=parse_int_list(measure_layers, "--measure-layers", count=2),
+            window=window,
+            pr_mode=pr_mode,
+            top_k=top_k,
+            max_rows=max_rows,
+            n_boot=n_boot,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+        )
+        run_dir, already, headline = run_head_sweep(config, out=out, force=force)
+        _print_outcome(run_dir, already, headline)
+
+    run_guarded(go)
+
+
 def _print_outcome(run_dir: Path, already: bool, headline: dict) -> None:
     if already:
         out_console.print(f"already complete (use --force to recompute): {run_dir}")

@@ -32,9 +32,10 @@ from rloop.interventions import (
     mean_activations,
 )
 from rloop.metrics import r_v, window_pr
-from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci, noise_floor
+from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
 from rloop.profiles import check_mode_for_point, resolve_layers
 from rloop.progress import progress_bar
+from rloop.prompts import PromptSet
 
 EXPERIMENT = "ablate"
 
@@ -113,11 +114,11 @@ def sweep_table(result, prompt_ids: list[str], mode: str, unit: str, pr_mode: st
 def head_summary(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFrame, float]:
     """Per head: mean impact, bootstrap CI, t-test p, BH-adjusted p, rank; and the noise floor.
 
-    The noise floor is the half-width of the bootstrap 95 % CI of the clean mean R_V over the
-    prompts: an impact smaller than it is below what this prompt set can resolve.
+    The noise floor is the median, over the computed heads, of the half-width of the
+    bootstrap 95 % CI of a head's mean impact: the resolution with which this prompt set
+    measures a (paired) ablation effect. A head whose |mean impact| is below it is not
+    distinguishable from prompt-sampling noise, whatever its p-value.
     """
-    base = table.drop_duplicates("prompt_id")["r_v_base"].to_numpy()
-    floor = float(noise_floor(base, n_boot=n_boot, seed=seed))
     rows = []
     for (layer, head), frame in table.groupby(["layer", "head"], sort=True):
         impacts = frame["impact"].to_numpy(dtype=float)
@@ -142,6 +143,8 @@ def head_summary(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFr
             }
         )
     summary = pd.DataFrame(rows)
+    half_widths = (summary["ci_high"] - summary["ci_low"])[summary["computed"]] / 2
+    floor = float(np.nanmedian(half_widths)) if half_widths.notna().any() else float("nan")
     mask = summary["computed"] & summary["p"].notna()
     summary["p_bh"] = np.nan
     if mask.any():
@@ -165,6 +168,7 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     groups = config.groups or (["L5"] if config.prompts is None else None)
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
     prompts = list(prompt_set)[: config.max_prompts] if config.max_prompts else list(prompt_set)
+    used = PromptSet(prompts, prompt_set.source, prompt_set.version, prompt_set.sha256)
     reference = None
     if config.mode == "mean":
         reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
@@ -179,15 +183,13 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     layers = config.layers if config.layers is not None else list(range(adapter.n_layers))
     for layer in layers:
         adapter.check_layer(layer)
-    check_window(prompt_set.select_ids([p.id for p in prompts]), lm.tokenizer, config.window)
+    check_window(used, lm.tokenizer, config.window)
     if reference is not None:
         check_window(reference, lm.tokenizer, config.window)
 
     def body(run) -> dict:
         run.set_model(model_manifest(lm))
-        run.set_prompts(
-            prompts_manifest(prompt_set.select_ids([p.id for p in prompts]), lm.tokenizer)
-        )
+        run.set_prompts(prompts_manifest(used, lm.tokenizer))
         started = time.perf_counter()
         mean_z = None
         if reference is not None:
@@ -236,8 +238,8 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
         top = summary.iloc[0]
         return {
             "noise_floor": floor,
-            "top_head": f"L{int(top.layer)}H{int(top.head)}",
-            "top_mean_impact": float(top.mean_impact),
+            "top_head": f"L{int(top['layer'])}H{int(top['head'])}",
+            "top_mean_impact": float(top["mean_impact"]),
             "n_significant_bh05": int((summary["p_bh"] < 0.05).sum()),
             "sweep_seconds": seconds,
         }
@@ -273,7 +275,7 @@ def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> s
         "at the input of the attention output projection",
         f"- R_V = PR(L{late}) / PR(L{early}) ({rule}), {config.pr_mode} PR, window {config.window}",
         f"- heads at layers >= {late} cannot change V at layer {late}: impact exactly 0, not computed",
-        f"- noise floor (95 % CI half-width of the clean mean R_V): {floor:.4g}",
+        f"- noise floor (median 95 % CI half-width of a head's mean impact): {floor:.4g}",
         f"- heads with BH-adjusted p < 0.05: {int((summary['p_bh'] < 0.05).sum())}; "
         f"above the noise floor: {int(summary['above_noise'].sum())}",
         f"- sweep time: {seconds:.1f} s",

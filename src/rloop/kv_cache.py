@@ -1,0 +1,256 @@
+"""KV-cache substitution and alpha mixing between a target and a source prompt (seed 003).
+
+Alignment policy (the same in every layer, for every architecture)
+--------------------------------------------------------------------
+A prompt of ``n`` tokens is its *memory* (first ``n - 1`` tokens, held in the KV cache) plus
+its *last token*, the first input of decoding (see :mod:`rloop.generation`). Patching acts on
+memories only; the target's own last token then reads the patched memory and chooses the first
+generated token, so the patch can change every generated token.
+
+1. **Right alignment on the last memory token.** For a pair with memory lengths ``m_t``
+   (target) and ``m_s`` (source), both memories are encoded in a shared frame of length
+   ``F = max(m_t, m_s)``: each is right-aligned, so the token ``r`` places before the end of
+   either memory sits at frame position ``F - 1 - r`` in *both* caches. Rotary keys carry
+   their absolute positions, so the two caches agree on the position of every column they
+   share; the target's last token is fed at position ``F`` and generated token ``s`` at
+   ``F + s``, consistent with every cached key.
+2. **The target's mask.** The continuation attends to the target's memory columns only.
+   Source tokens before the target's first token (``m_s > m_t``) are dropped from the mixed
+   cache; they still shaped the source's later keys and values, which were encoded with full
+   source context. Target columns with no source token (``m_s < m_t``) keep the target's KV.
+3. Consequences: with ``m_t >= m_s`` the target sits at its natural positions ``0..n-1`` and
+   alpha = 0 reproduces natural target generation exactly. With ``m_t < m_s`` the target is
+   shifted by ``m_s - m_t`` positions: rotary families are invariant to a common shift up to
+   float rounding; absolute-position families (GPT-2) are not, which is why each experiment
+   reports the alpha = 0 condition in the pair frame next to natural generation. With equal
+   lengths and the same last token, alpha = 1 over all layers reproduces natural source
+   generation exactly (tests).
+
+Mixing: ``(1 - alpha) * KV_target + alpha * KV_source`` for keys and values, computed in
+float32 and cast back to the cache dtype; alpha = 0 and 1 are exact copies. V-patching (the
+null control) instead replaces the value-projection *activations* at one layer while the
+target memory is encoded (so later layers of the memory see them), with the same alignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rloop.adapters import Adapter
+from rloop.capture import address
+from rloop.errors import ConfigError, UnsupportedArchitectureError
+from rloop.generation import (
+    GenerationResult,
+    PromptLayout,
+    SamplingConfig,
+    decode,
+    layout_prompts,
+    prefill_memory,
+)
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+SEED_N_LAYERS = 32  # Mistral-7B, the model of seed 003's layer ranges
+
+
+def check_alpha(alpha: float) -> float:
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
+    return alpha
+
+
+def check_layer_range(n_layers: int, layers: Sequence[int]) -> tuple[int, ...]:
+    """Sorted unique layer indices, each in 0..n_layers-1 (ConfigError otherwise)."""
+    layers = tuple(sorted({int(layer) for layer in layers}))
+    if not layers:
+        raise ConfigError("the layer range is empty: give at least one layer, e.g. 16-31")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ConfigError(
+            f"layer(s) {bad} out of range: this model has layers 0..{n_layers - 1}"
+        )
+    return layers
+
+
+def default_patch_layers(n_layers: int) -> tuple[int, ...]:
+    """The second half of the layers (seed 003: 16-31 of 32)."""
+    return tuple(range(n_layers // 2, n_layers))
+
+
+def scale_layer_range(first: int, last: int, n_layers: int, seed_layers: int = SEED_N_LAYERS):
+    """Map the seed's inclusive range [first, last] of a ``seed_layers`` model to ``n_layers``
+    by relative depth (round to nearest), e.g. 25-29 of 32 -> 23-27 of 30."""
+    lo = min(n_layers - 1, int(round(first * n_layers / seed_layers)))
+    hi = min(n_layers - 1, max(lo, int(round(last * n_layers / seed_layers))))
+    return tuple(range(lo, hi + 1))
+
+
+# --- cache access (transformers 5 ``DynamicCache.layers`` or the older key_cache lists) ---
+
+
+def cache_layer(cache: object, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer, each (B, Hkv, T, D)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    raise UnsupportedArchitectureError(
+        f"cannot read KV cache of type {type(cache).__name__}: KV patching needs a "
+        "transformers DynamicCache"
+    )
+
+
+def set_cache_layer(cache: object, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layers[layer].keys, layers[layer].values = keys, values
+    else:
+        cache.key_cache[layer], cache.value_cache[layer] = keys, values
+
+
+def n_cache_layers(cache: object) -> int:
+    layers = getattr(cache, "layers", None)
+    return len(layers) if layers is not None else len(cache.key_cache)
+
+
+def mix_tensors(target: torch.Tensor, source: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """(1 - alpha) * target + alpha * source in float32, cast back to target's dtype.
+
+    target, source: (B, Hkv, T, D); alpha: (B,) per row. Rows with alpha 0 (1) are exact copies
+    of target (source).
+    """
+    a = alpha.to(device=target.device, dtype=torch.float32).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    mixed = (1 - a) * target.float() + a * source.float()  # (B, Hkv, T, D)
+    mixed = torch.where(a == 0, target.float(), torch.where(a == 1, source.float(), mixed))
+    return mixed.to(target.dtype)
+
+
+def mix_caches(
+    target: object, source: object, weights: torch.Tensor, source_real: torch.Tensor
+) -> object:
+    """Mix ``source`` into ``target`` in place, per row and layer.
+
+    weights: (B, L) alpha of each row at each layer (0 = keep target). source_real: (B, T)
+    bool, columns where the source has a real token; elsewhere the target is kept.
+    """
+    n_layers = n_cache_layers(target)
+    if weights.shape[1] != n_layers:
+        raise ConfigError(f"weights cover {weights.shape[1]} layers, the cache has {n_layers}")
+    keep = ~source_real.bool()[:, None, :, None]  # (B, 1, T, 1)
+    for layer in range(n_layers):
+        alpha = weights[:, layer]  # (B,)
+        if not bool((alpha != 0).any()):
+            continue
+        k_t, v_t = cache_layer(target, layer)  # (B, Hkv, T, D)
+        k_s, v_s = cache_layer(source, layer)  # (B, Hkv, T, D)
+        k = torch.where(keep.to(k_t.device), k_t, mix_tensors(k_t, k_s, alpha))  # (B,Hkv,T,D)
+        v = torch.where(keep.to(v_t.device), v_t, mix_tensors(v_t, v_s, alpha))  # (B,Hkv,T,D)
+        set_cache_layer(target, layer, k, v)
+    return target
+
+
+@dataclass(frozen=True)
+class PatchRow:
+    """One generation of a patching grid.
+
+    target: token ids the continuation belongs to; source: token ids whose KV (or V) is patched
+    in (None = natural generation of target alone, in its own frame). kv_layers + alpha: layers
+    whose memory KV is mixed with weight alpha. v_patch_layer: replace the target memory's V
+    activations at that layer by the source's while encoding (V-patching null control).
+    """
+
+    target: tuple[int, ...]
+    source: tuple[int, ...] | None = None
+    kv_layers: tuple[int, ...] = ()
+    alpha: float = 0.0
+    v_patch_layer: int | None = None
+
+
+def patched_generate(
+    model: nn.Module,
+    adapter: Adapter,
+    rows: Sequence[PatchRow],
+    sampling: SamplingConfig,
+    capture: Iterable[str] = (),
+    pad_id: int = 0,
+    tokenizer=None,
+) -> GenerationResult:
+    """Generate every row of a patching grid in one batched call (alignment: module docstring).
+
+    Sources are encoded in the same batch layout as targets (a row without a source uses its
+    target as a dummy source with weight 0), the memories are mixed layer by layer, and one
+    decoding loop generates all rows.
+    """
+    if not rows:
+        raise ConfigError("no patch conditions to generate")
+    n_layers = adapter.n_layers
+    for row in rows:
+        check_alpha(row.alpha)
+        if row.kv_layers:
+            check_layer_range(n_layers, row.kv_layers)
+        if row.v_patch_layer is not None:
+            adapter.check_layer(row.v_patch_layer)
+        if (row.kv_layers or row.v_patch_layer is not None) and row.source is None:
+            raise ConfigError("a patched row needs a source prompt")
+    device = next(model.parameters()).device
+    capture = list(capture)
+    sources = [row.source if row.source is not None else row.target for row in rows]
+    frames = [
+        max(len(row.target), len(src)) - 1 if row.source is not None else len(row.target) - 1
+        for row, src in zip(rows, sources, strict=True)
+    ]
+    target_layout = layout_prompts([row.target for row in rows], pad_id, frames, device)
+    source_layout = layout_prompts(sources, pad_id, frames, device)
+    v_layers = sorted({row.v_patch_layer for row in rows if row.v_patch_layer is not None})
+    source_cache, source_v = prefill_memory(
+        model, adapter, source_layout, [address(layer, "v") for layer in v_layers]
+    )
+    both_real = (target_layout.memory_mask != 0) & (source_layout.memory_mask != 0)  # (B, M)
+    edits = {
+        address(layer, "v"): _v_patch_edit(
+            source_v[address(layer, "v")],
+            both_real
+            & torch.tensor([row.v_patch_layer == layer for row in rows], device=device)[:, None],
+        )
+        for layer in v_layers
+    }
+    cache, memory_captured = prefill_memory(model, adapter, target_layout, capture, edits)
+    weights = torch.zeros((len(rows), n_layers), dtype=torch.float32)  # (B, L)
+    for i, row in enumerate(rows):
+        weights[i, list(row.kv_layers)] = float(row.alpha)
+    if bool((weights != 0).any()) and target_layout.memory_ids.shape[1] > 0:
+        mix_caches(cache, source_cache, weights, both_real)
+    return decode(
+        model,
+        adapter,
+        cache,
+        target_layout,
+        sampling,
+        capture,
+        memory_captured,
+        tokenizer,
+    )
+
+
+def _v_patch_edit(source_values: torch.Tensor, replace: torch.Tensor):
+    """Edit replacing V (B, M, Hkv, D) by the source's where ``replace`` (B, M) is true."""
+
+    def edit(values: torch.Tensor) -> torch.Tensor:
+        where = replace[:, :, None, None].to(values.device)  # (B, M, 1, 1)
+        return torch.where(where, source_values.to(values.dtype), values)  # (B, M, Hkv, D)
+
+    return edit
+
+
+def layout_of(rows: Sequence[PatchRow], pad_id: int = 0) -> PromptLayout:
+    """The target layout :func:`patched_generate` uses (for inspection and tests)."""
+    frames = [
+        max(len(r.target), len(r.source)) - 1 if r.source is not None else len(r.target) - 1
+        for r in rows
+    ]
+    return layout_prompts([r.target for r in rows], pad_id, frames)

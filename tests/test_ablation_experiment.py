@@ -1,0 +1,110 @@
+"""`rloop ablate` as an experiment: tidy table, per-head statistics, run record, and the
+group / layer ablation edits against independent weight surgery."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rloop.batching import encode
+from rloop.errors import ConfigError
+from rloop.experiments.ablation import (
+    AblationConfig,
+    ablated_r_v,
+    group_ablation_edits,
+    layer_ablation_edits,
+    run_head_sweep,
+)
+from rloop.head_sweep import single_head_reference
+from rloop.metrics import r_v
+from tests.test_contraction import prompt_set
+from tests.tiny_models import tiny_lm
+
+
+def _prompt_file(tmp_path, n=3):
+    path = tmp_path / "prompts.jsonl"
+    with path.open("w") as f:
+        for p in prompt_set(n):
+            f.write(json.dumps({"id": p.id, "group": p.group, "text": p.text}) + "\n")
+    return path
+
+
+def test_sweep_run_record_matches_plain_forwards(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
+    lm = tiny_lm("llama")
+    config = AblationConfig(
+        prompts=str(_prompt_file(tmp_path)),
+        groups=["L5"],
+        measure_layers=[1, 2],
+        window=5,
+        n_boot=200,
+    )
+    run_dir, already, headline = run_head_sweep(config, out=tmp_path / "run", lm=lm)
+    assert not already
+    table = pd.read_csv(run_dir / "results.csv")
+    required = {"prompt_id", "layer", "head", "r_v_base", "r_v_ablated", "impact"}
+    assert required <= set(table.columns)
+    assert len(table) == 3 * lm.adapter.n_layers * lm.adapter.n_heads
+    # Heads at the late layer (2) and above: exactly 0, not computed.
+    late_rows = table[table.layer >= 2]
+    assert (late_rows["impact"] == 0).all() and (~late_rows["computed"]).all()
+    # Every computed impact equals a plain forward with that head zeroed.
+    texts = [p.text for p in prompt_set(3) if p.group == "L5"]
+    batch = encode(lm.tokenizer, texts)
+    for layer in (0, 1):
+        for head in range(lm.adapter.n_heads):
+            e, lt = single_head_reference(lm.model, lm.adapter, batch, layer, head, 1, 2, 5)
+            rows = table[(table["layer"] == layer) & (table["head"] == head)].sort_values(
+                "prompt_id"
+            )
+            np.testing.assert_allclose(rows["r_v_ablated"], r_v(lt.numpy(), e.numpy()), rtol=1e-5)
+    heads = pd.read_csv(run_dir / "heads.csv")
+    assert len(heads) == lm.adapter.n_layers * lm.adapter.n_heads
+    assert heads["p_bh"].notna().sum() == 2 * lm.adapter.n_heads
+    assert (run_dir / "plots" / "impact_heatmap.png").exists()
+    assert "noise floor" in (run_dir / "summary.md").read_text()
+    assert headline["top_head"].startswith("L")
+
+
+def test_bad_heads_and_modes(tmp_path) -> None:
+    lm = tiny_lm("llama")
+    with pytest.raises(ConfigError, match="out of range"):
+        group_ablation_edits(lm.adapter, [(0, 9)])
+    with pytest.raises(ConfigError, match="zero or mean"):
+        run_head_sweep(AblationConfig(mode="half"), out=tmp_path / "x", lm=lm)
+    with pytest.raises(ConfigError, match="out of range"):
+        run_head_sweep(
+            AblationConfig(prompts=str(_prompt_file(tmp_path)), layers=[7], window=5),
+            out=tmp_path / "x",
+            lm=lm,
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_group_ablation_equals_zeroed_output_projection_columns() -> None:
+    lm = tiny_lm("gpt_neox")
+    texts = [p.text for p in prompt_set(2)]
+    heads = [(0, 1), (0, 3), (1, 2)]
+    clean, ablated = ablated_r_v(lm, texts, group_ablation_edits(lm.adapter, heads), 1, 2, 5)
+    d = lm.adapter.d_head
+    with torch.no_grad():
+        for layer, head in heads:
+            dense = lm.adapter.module_for(lm.model, layer, "z")  # output projection
+            dense.weight[:, head * d : (head + 1) * d] = 0
+        reference, _ = ablated_r_v(lm, texts, {}, 1, 2, 5)
+    np.testing.assert_allclose(ablated, reference, rtol=1e-5)
+    assert not np.allclose(clean, ablated)
+
+
+def test_layer_ablation_equals_zeroed_attention_output() -> None:
+    lm = tiny_lm("llama")
+    texts = [p.text for p in prompt_set(2)]
+    _, ablated = ablated_r_v(lm, texts, layer_ablation_edits(0, "attn_out"), 1, 2, 5)
+    with torch.no_grad():
+        lm.adapter.module_for(lm.model, 0, "z").weight.zero_()  # o_proj of layer 0
+        reference, _ = ablated_r_v(lm, texts, {}, 1, 2, 5)
+    np.testing.assert_allclose(ablated, reference, rtol=1e-5)
