@@ -108,3 +108,41 @@ def test_layer_ablation_equals_zeroed_attention_output() -> None:
         lm.adapter.module_for(lm.model, 0, "z").weight.zero_()  # o_proj of layer 0
         reference, _ = ablated_r_v(lm, texts, {}, 1, 2, 5)
     np.testing.assert_allclose(ablated, reference, rtol=1e-5)
+
+
+def test_attribution_run_matches_exact_sweep_ordering(tmp_path, monkeypatch) -> None:
+    from rloop.experiments.attribution import AttributionConfig, run_attribution
+
+    monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
+    lm = tiny_lm("gpt_neox")
+    config = AttributionConfig(
+        prompts=str(_prompt_file(tmp_path, 4)),
+        groups=["L5"],
+        measure_layers=[1, 2],
+        window=5,
+        exact=True,
+        n_boot=200,
+    )
+    run_dir, _, headline = run_attribution(config, out=tmp_path / "run", lm=lm)
+    heads = pd.read_csv(run_dir / "heads.csv")
+    assert len(heads) == lm.adapter.n_layers * lm.adapter.n_heads
+    assert (heads.loc[heads["layer"] >= 2, ["saliency", "attribution"]] == 0).all().all()
+    # Independent check of the exact column: a plain forward per head.
+    texts = [p.text for p in prompt_set(4) if p.group == "L5"]
+    batch = encode(lm.tokenizer, texts)
+    e0, l0 = single_head_reference(lm.model, lm.adapter, batch, 0, 1, 1, 2, 5)
+    clean = pd.read_csv(run_dir / "results.csv")
+    assert set(clean["prompt_id"]) == {p.id for p in prompt_set(4) if p.group == "L5"}
+    row = heads[(heads["layer"] == 0) & (heads["head"] == 1)].iloc[0]
+    from rloop.head_sweep import head_sweep
+
+    sweep = head_sweep(lm.model, lm.adapter, batch, [0], 1, 2, 5)
+    base = r_v(sweep.clean_late["per-head"].numpy(), sweep.clean_early["per-head"].numpy())
+    np.testing.assert_allclose(
+        row["exact_impact"], (r_v(l0.numpy(), e0.numpy()) - base).mean(), rtol=1e-5
+    )
+    assert (
+        -1 <= headline["spearman_r"] <= 1 and headline["heads_compared"] == 2 * lm.adapter.n_heads
+    )
+    for plot in ("saliency_heatmap", "attribution_heatmap", "attribution_vs_exact"):
+        assert (run_dir / "plots" / f"{plot}.png").exists()

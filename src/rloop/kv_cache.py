@@ -30,6 +30,8 @@ Mixing: ``(1 - alpha) * KV_target + alpha * KV_source`` for keys and values, com
 float32 and cast back to the cache dtype; alpha = 0 and 1 are exact copies. V-patching (the
 null control) instead replaces the value-projection *activations* at one layer while the
 target memory is encoded (so later layers of the memory see them), with the same alignment.
+Captured V of a memory at a mixed layer is the mixed V (what attention reads); other captured
+points of the memory (k, q, resid...) are those of the target's own encoding.
 """
 
 from __future__ import annotations
@@ -225,6 +227,12 @@ def patched_generate(
         weights[i, list(row.kv_layers)] = float(row.alpha)
     if bool((weights != 0).any()) and target_layout.memory_ids.shape[1] > 0:
         mix_caches(cache, source_cache, weights, both_real)
+        # The memory's V at a mixed layer is what the cache now holds: (B, Hkv, M, D) there.
+        for key in memory_captured:
+            layer, point = key.split(".")[1:]
+            if point == "v" and bool((weights[:, int(layer)] != 0).any()):
+                values = cache_layer(cache, int(layer))[1]  # (B, Hkv, M, D)
+                memory_captured[key] = values.transpose(1, 2)  # (B, M, Hkv, D)
     return decode(
         model,
         adapter,
