@@ -216,77 +216,6 @@ def ablate(
     run_guarded(go)
 
 
-@app.command()
-def attribution(
-    model: str = typer.Option(
-        "smollm2-135m", "--model", "-m", help="Registry name, hub id, local dir or .gguf file."
-    ),
-    revision: str = typer.Option(None, help="Hub revision."),
-    prompts: Path = typer.Option(
-        None, "--prompts", "-p", help="Prompt file; default: the bank's L5 group."
-    ),
-    groups: str = typer.Option(None, help="Comma-separated groups to use."),
-    max_prompts: int = typer.Option(10, help="Use at most this many prompts (0 = all)."),
-    measure_layers: str = typer.Option(None, help="EARLY,LATE layers of R_V (default by depth)."),
-    window: int = typer.Option(16, help="Window: the last W real tokens of each prompt."),
-    pr_mode: str = typer.Option("per-head", help="per-head | whole."),
-    mode: str = typer.Option("zero", help="Ablation to estimate: zero | mean."),
-    reference_group: str = typer.Option("factual", help="Mean-ablation reference group."),
-    exact: bool = typer.Option(
-        False, help="Also run the exact sweep and report the rank correlation."
-    ),
-    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the correlation CI."),
-    seed: int = typer.Option(0, help="Seed of every bootstrap."),
-    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 | float64."),
-    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: auto)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Run directory."),
-    force: bool = typer.Option(
-        False, help="Recompute even if the run directory holds a complete run."
-    ),
-) -> None:
-    """Gradient saliency and attribution patching of every head (1 forward + 1 backward).
-
-    Saliency = ||dR_V/dz|| per layer x head (layer 0 included); attribution = the linear
-    estimate of each head's ablation effect on R_V. --exact adds the exact sweep and the
-    Spearman correlation between the two.
-
-    Examples:
-
-      rloop attribution --exact
-
-      rloop attribution --model EleutherAI/pythia-2.8b --measure-layers 5,28 --device cuda
-    """
-    from rloop.experiments.attribution import AttributionConfig, run_attribution
-
-    def go():
-        config = AttributionConfig(
-            model=model,
-            revision=revision,
-            prompts=str(prompts) if prompts is not None else None,
-            groups=[g.strip() for g in groups.split(",")] if groups else None,
-            max_prompts=max_prompts or None,
-            measure_layers=parse_int_list(measure_layers, "--measure-layers", count=2),
-            window=window,
-            pr_mode=pr_mode,
-            mode=mode,
-            reference_group=reference_group,
-            exact=exact,
-            n_boot=n_boot,
-            seed=seed,
-            dtype=dtype,
-            device=device,
-        )
-        run_dir, already, headline = run_attribution(config, out=out, force=force)
-        _print_outcome(run_dir, already, headline)
-
-    run_guarded(go)
-
-
-app.command(
-    "saliency", help="Alias of `attribution`: gradient saliency of every head (see its --help)."
-)(attribution)
-
-
 def _print_outcome(run_dir: Path, already: bool, headline: dict) -> None:
     if already:
         out_console.print(f"already complete (use --force to recompute): {run_dir}")
@@ -332,9 +261,11 @@ def _mount_optional_apps() -> None:
     from rloop.cli_runs import runs_app
 
     app.add_typer(runs_app, name="runs", help="List, show and compare runs in the run store.")
-    from rloop import cli_sweeps
+    from rloop import cli_causal, cli_generation, cli_sweeps
 
+    cli_causal.register(app)
     cli_sweeps.register(app)
+    cli_generation.register(app)
 
 
 _mount_optional_apps()

@@ -127,12 +127,18 @@ def patch_edit(source: torch.Tensor, spec: PatchSpec) -> EditFn:
                 "position needs equal lengths; give explicit positions"
             )
         out = x.clone()
-        pos = slice(None) if spec.positions is None else list(spec.positions)
+        positions = (
+            torch.arange(x.shape[1], device=x.device)
+            if spec.positions is None
+            else torch.tensor(spec.positions, device=x.device)
+        )  # (P,)
         if spec.heads is None:
-            out[:, pos] = src[:, pos]
+            out[:, positions] = src[:, positions]
         else:
-            heads = list(spec.heads)
-            out[:, pos, heads] = src[:, pos][:, :, heads]
+            heads = torch.tensor(spec.heads, device=x.device)  # (K,)
+            # Cross positions with heads: (P, 1) x (1, K) -> every (position, head) pair.
+            grid = (positions[:, None], heads[None, :])
+            out[:, grid[0], grid[1]] = src[:, grid[0], grid[1]]
         return out
 
     return edit

@@ -156,7 +156,9 @@ def parse_heads(text: str) -> HeadList:
             continue
         pieces = part.split(".")
         if len(pieces) != 2 or not all(p.strip().isdigit() for p in pieces):
-            raise ConfigError(f"cannot read head {part!r}: write heads as LAYER.HEAD, e.g. 15.4,16.2")
+            raise ConfigError(
+                f"cannot read head {part!r}: write heads as LAYER.HEAD, e.g. 15.4,16.2"
+            )
         heads.append((int(pieces[0]), int(pieces[1])))
     if not heads:
         raise ConfigError("no heads given: write heads as LAYER.HEAD, e.g. --heads 15.4,16.2")

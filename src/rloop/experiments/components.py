@@ -94,7 +94,9 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
     for layer in config.layers:
         lm.adapter.check_layer(layer)
     layers = sorted(set(config.layers))
-    reference = load_reference(config, config.reference_group, lm) if config.mode == "mean" else None
+    reference = (
+        load_reference(config, config.reference_group, lm) if config.mode == "mean" else None
+    )
     early, late = prepared.early, prepared.late
 
     def body(run) -> dict:
@@ -202,7 +204,9 @@ def _layer_markdown(summary, config, prepared, seconds) -> str:
         f"- model: {model_line(prepared.lm)}",
         f"- {config.mode} ablation of the whole attention-block output (attn) / MLP output (mlp) "
         "at every token"
-        + (f"; mean over reference group {config.reference_group}" if config.mode == "mean" else ""),
+        + (
+            f"; mean over reference group {config.reference_group}" if config.mode == "mean" else ""
+        ),
         f"- R_V = PR(L{prepared.late}) / PR(L{prepared.early}) ({prepared.rule}), "
         f"{config.pr_mode} PR, window {config.window}",
         f"- components at layers >= {prepared.late} cannot change V at layer {prepared.late}: "
@@ -268,7 +272,9 @@ def run_components(config: ComponentsConfig, out=None, force: bool = False, lm=N
         started = time.perf_counter()
         prompts = list(prepared.prompts)
         with progress_bar("attn vs MLP PR", total=1) as advance:
-            pr = component_pr(lm, [p.text for p in prompts], layers, config.window, config.batch_size)
+            pr = component_pr(
+                lm, [p.text for p in prompts], layers, config.window, config.batch_size
+            )
             advance(1)
         seconds = time.perf_counter() - started
         rows = []
@@ -369,10 +375,18 @@ def _plot_components(table: pd.DataFrame, path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (group, frame) in enumerate(table.groupby("group")):
-        ax.plot(frame["layer"], frame["attn_pr"], color=f"C{i}", marker="o", ms=3,
-                label=f"{group} attn")
-        ax.plot(frame["layer"], frame["mlp_pr"], color=f"C{i}", ls="--", marker="s", ms=3,
-                label=f"{group} MLP")
+        ax.plot(
+            frame["layer"], frame["attn_pr"], color=f"C{i}", marker="o", ms=3, label=f"{group} attn"
+        )
+        ax.plot(
+            frame["layer"],
+            frame["mlp_pr"],
+            color=f"C{i}",
+            ls="--",
+            marker="s",
+            ms=3,
+            label=f"{group} MLP",
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel("PR of the block output (whole, window)")
     ax.set_title("Attention output vs MLP output participation ratio")

