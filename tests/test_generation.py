@@ -135,3 +135,27 @@ def test_bad_prompts_and_model_without_cache():
     lm.model.forward = no_cache
     with pytest.raises(UnsupportedArchitectureError, match="no KV cache"):
         generate(lm.model, lm.adapter, ROWS, SamplingConfig(2))
+
+
+@pytest.mark.slow
+def test_embedded_model_batched_greedy_equals_hf_generate():
+    from rloop.generation import generate_texts
+    from rloop.models import load_model
+    from rloop.prompts import load_bank
+
+    lm = load_model("smollm2-135m")
+    texts = [p.text for p in list(load_bank())[:3]]
+    result = generate_texts(lm, texts, SamplingConfig(max_new_tokens=8), layers=[5, 25])
+    # reference: greedy decoding by full forwards without a cache (rloop never stops at
+    # end-of-sequence, so HF generate's stopping rule does not apply)
+    for i, text in enumerate(texts):
+        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]  # (1, T)
+        n = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(8):
+                next_id = lm.model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+                ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        reference = ids[0, n:]
+        assert result.new_tokens[i].tolist() == reference.tolist()
+        assert result.texts[i] == lm.tokenizer.decode(reference, skip_special_tokens=True)
+    assert result.captured["blocks.25.v"].shape[:2] == result.attention_mask.shape

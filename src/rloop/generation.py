@@ -93,11 +93,13 @@ def layout_prompts(
     pad_id: int,
     frames: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
+    width: int | None = None,
 ) -> PromptLayout:
     """Lay out token rows (each >= 2 tokens) for :func:`prefill_memory` and :func:`decode`.
 
     frames[i] >= len(row) - 1 shifts row i's positions so its last token sits at position
-    frames[i] (default len(row) - 1, i.e. positions 0..n-1).
+    frames[i] (default len(row) - 1, i.e. positions 0..n-1). width (>= every frame) sets the
+    memory buffer width M (default: the largest frame).
     """
     if not token_rows:
         raise PromptError("no prompts to generate from: pass at least one prompt")
@@ -111,7 +113,7 @@ def layout_prompts(
     frames = list(memories) if frames is None else [int(f) for f in frames]
     if len(frames) != len(token_rows) or any(f < m for f, m in zip(frames, memories, strict=True)):
         raise ConfigError("each frame length must be at least the prompt's memory length")
-    width = max(frames)
+    width = max(frames) if width is None else max(int(width), max(frames))
     batch = len(token_rows)
     ids = torch.full((batch, width), int(pad_id), dtype=torch.long)  # (B, M)
     mask = torch.zeros((batch, width), dtype=torch.long)  # (B, M)
@@ -163,16 +165,28 @@ def prefill_memory(
     capture = list(capture)
     if layout.memory_ids.shape[1] == 0:
         return DynamicCache(config=model.config), {}
+    # The memory's logits are never used: keep one position instead of (B, M, vocab).
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     with torch.no_grad(), Trace(model, adapter, capture=capture, edits=edits) as trace:
         out = model(
             input_ids=layout.memory_ids,
             attention_mask=layout.memory_mask,
             position_ids=layout.memory_positions,
             use_cache=True,
+            **extra,
         )
     check_kv_cache(getattr(out, "past_key_values", None))
     captured = {str(parse_address(a)): trace[a] for a in capture}
     return out.past_key_values, captured
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -366,8 +380,6 @@ def generate_texts(
     )
 
 
-def window_r_v(
-    late: torch.Tensor, early: torch.Tensor, mode: str = "per-head"
-) -> torch.Tensor:
+def window_r_v(late: torch.Tensor, early: torch.Tensor, mode: str = "per-head") -> torch.Tensor:
     """R_V of paired windows (B, W, H, D) at the late and early layer -> (B,) float64."""
     return r_v(window_pr(late, mode), window_pr(early, mode))  # (B,)

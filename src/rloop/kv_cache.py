@@ -72,9 +72,7 @@ def check_layer_range(n_layers: int, layers: Sequence[int]) -> tuple[int, ...]:
         raise ConfigError("the layer range is empty: give at least one layer, e.g. 16-31")
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
-        raise ConfigError(
-            f"layer(s) {bad} out of range: this model has layers 0..{n_layers - 1}"
-        )
+        raise ConfigError(f"layer(s) {bad} out of range: this model has layers 0..{n_layers - 1}")
     return layers
 
 
@@ -184,8 +182,9 @@ def patched_generate(
 ) -> GenerationResult:
     """Generate every row of a patching grid in one batched call (alignment: module docstring).
 
-    Sources are encoded in the same batch layout as targets (a row without a source uses its
-    target as a dummy source with weight 0), the memories are mixed layer by layer, and one
+    Each distinct memory is encoded once (a pair's target memory is shared by all its KV
+    conditions, its source memory by all conditions that need it), the encodings are
+    expanded to one row per condition, the memories are mixed layer by layer, and one
     decoding loop generates all rows.
     """
     if not rows:
@@ -201,31 +200,64 @@ def patched_generate(
             raise ConfigError("a patched row needs a source prompt")
     device = next(model.parameters()).device
     capture = list(capture)
-    sources = [row.source if row.source is not None else row.target for row in rows]
-    frames = [
-        max(len(row.target), len(src)) - 1 if row.source is not None else len(row.target) - 1
-        for row, src in zip(rows, sources, strict=True)
-    ]
-    target_layout = layout_prompts([row.target for row in rows], pad_id, frames, device)
-    source_layout = layout_prompts(sources, pad_id, frames, device)
-    v_layers = sorted({row.v_patch_layer for row in rows if row.v_patch_layer is not None})
-    source_cache, source_v = prefill_memory(
-        model, adapter, source_layout, [address(layer, "v") for layer in v_layers]
-    )
-    both_real = (target_layout.memory_mask != 0) & (source_layout.memory_mask != 0)  # (B, M)
-    edits = {
-        address(layer, "v"): _v_patch_edit(
-            source_v[address(layer, "v")],
-            both_real
-            & torch.tensor([row.v_patch_layer == layer for row in rows], device=device)[:, None],
+    frames = [_frame(row) for row in rows]
+    width = max(frames)
+    target_layout = layout_prompts([row.target for row in rows], pad_id, frames, device, width)
+
+    # distinct source memories (rows that mix KV or patch V)
+    needs_source = [bool(row.kv_layers) or row.v_patch_layer is not None for row in rows]
+    source_keys = list(
+        dict.fromkeys(
+            (row.source, f) for row, f, n in zip(rows, frames, needs_source, strict=True) if n
         )
-        for layer in v_layers
-    }
-    cache, memory_captured = prefill_memory(model, adapter, target_layout, capture, edits)
+    )
+    v_layers = sorted({row.v_patch_layer for row in rows if row.v_patch_layer is not None})
+    v_points = [address(layer, "v") for layer in v_layers]
+    source_cache, source_v, source_mask = None, {}, None
+    if source_keys:
+        source_layout = layout_prompts(
+            [k[0] for k in source_keys], pad_id, [k[1] for k in source_keys], device, width
+        )
+        source_cache, source_v = prefill_memory(model, adapter, source_layout, v_points)
+        source_mask = source_layout.memory_mask  # (S, M)
+    source_index = [
+        source_keys.index((row.source, f)) if n else -1
+        for row, f, n in zip(rows, frames, needs_source, strict=True)
+    ]
+
+    # distinct target memories: (target, frame, v-patch layer, source of the V patch)
+    target_keys_all = [
+        (row.target, f, row.v_patch_layer, row.source if row.v_patch_layer is not None else None)
+        for row, f in zip(rows, frames, strict=True)
+    ]
+    target_keys = list(dict.fromkeys(target_keys_all))
+    target_index = [target_keys.index(k) for k in target_keys_all]
+    unique_layout = layout_prompts(
+        [k[0] for k in target_keys], pad_id, [k[1] for k in target_keys], device, width
+    )
+    first_row = [target_index.index(u) for u in range(len(target_keys))]
+    edits = {}
+    for layer in v_layers:
+        point = address(layer, "v")
+        picks = [source_index[r] if rows[r].v_patch_layer == layer else -1 for r in first_row]
+        chosen = torch.tensor([max(p, 0) for p in picks], device=device)  # (U,)
+        on = torch.tensor([p >= 0 for p in picks], device=device)  # (U,)
+        replace = (unique_layout.memory_mask != 0) & (source_mask[chosen] != 0) & on[:, None]
+        edits[point] = _v_patch_edit(source_v[point][chosen], replace)  # (U, M) where to patch
+    cache, memory_captured = prefill_memory(model, adapter, unique_layout, capture, edits)
+
+    # one cache row per condition
+    expand = torch.tensor(target_index, device=device)  # (B,)
+    select_rows(cache, expand)
+    memory_captured = {k: v[expand] for k, v in memory_captured.items()}  # (B, M, ...)
     weights = torch.zeros((len(rows), n_layers), dtype=torch.float32)  # (B, L)
     for i, row in enumerate(rows):
         weights[i, list(row.kv_layers)] = float(row.alpha)
-    if bool((weights != 0).any()) and target_layout.memory_ids.shape[1] > 0:
+    if bool((weights != 0).any()) and width > 0:
+        pick = torch.tensor([max(i, 0) for i in source_index], device=device)  # (B,)
+        has_source = torch.tensor(needs_source, device=device)[:, None]  # (B, 1)
+        both_real = (target_layout.memory_mask != 0) & (source_mask[pick] != 0) & has_source
+        select_rows(source_cache, pick)
         mix_caches(cache, source_cache, weights, both_real)
         # The memory's V at a mixed layer is what the cache now holds: (B, Hkv, M, D) there.
         for key in memory_captured:
@@ -245,6 +277,22 @@ def patched_generate(
     )
 
 
+def _frame(row: PatchRow) -> int:
+    """The row's frame length: the longer memory of target and source (module docstring)."""
+    if row.source is None:
+        return len(row.target) - 1
+    return max(len(row.target), len(row.source)) - 1
+
+
+def select_rows(cache: object, indices: torch.Tensor) -> None:
+    """Keep (and repeat) batch rows ``indices`` (B',) of every layer of ``cache``, in place."""
+    for layer in range(n_cache_layers(cache)):
+        keys, values = cache_layer(cache, layer)
+        if keys is None or keys.numel() == 0:
+            continue
+        set_cache_layer(cache, layer, keys[indices], values[indices])  # (B', Hkv, T, D)
+
+
 def _v_patch_edit(source_values: torch.Tensor, replace: torch.Tensor):
     """Edit replacing V (B, M, Hkv, D) by the source's where ``replace`` (B, M) is true."""
 
@@ -257,8 +305,4 @@ def _v_patch_edit(source_values: torch.Tensor, replace: torch.Tensor):
 
 def layout_of(rows: Sequence[PatchRow], pad_id: int = 0) -> PromptLayout:
     """The target layout :func:`patched_generate` uses (for inspection and tests)."""
-    frames = [
-        max(len(r.target), len(r.source)) - 1 if r.source is not None else len(r.target) - 1
-        for r in rows
-    ]
-    return layout_prompts([r.target for r in rows], pad_id, frames)
+    return layout_prompts([r.target for r in rows], pad_id, [_frame(r) for r in rows])

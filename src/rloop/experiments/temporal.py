@@ -1,0 +1,176 @@
+"""Temporal profile of R_V during generation (seed 003, "temporal cinematography").
+
+For every prompt: generate N tokens capturing V at the early and late layer at every step,
+then R_V at step 0 (end of encoding: the last W prompt tokens) and after every step s
+(scope "prompt+generated": the last W tokens of prompt + first s generated tokens; scope
+"generated": the last W of the first s generated tokens, once s >= W). Per group: mean curve
+with standard error, and a plot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from rloop.capture import address
+from rloop.errors import ConfigError
+from rloop.generation import SamplingConfig, generate, pad_id_of, tokenize_rows
+from rloop.metrics import r_v, window_pr
+
+EXPERIMENT = "temporal"
+SCOPE_ALL = "prompt+generated"
+SCOPE_GENERATED = "generated"
+
+
+@dataclass
+class TemporalConfig:
+    model: str = "smollm2-135m"
+    revision: str | None = None
+    prompts: str | None = None
+    bank_version: str = "v1"
+    groups: list[str] | None = None  # None = recursive_group and baseline_group
+    recursive_group: str = "L5"
+    baseline_group: str = "factual"
+    layers: list[int] | None = None
+    window: int = 16
+    pr_mode: str = "per-head"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 24
+    dtype: str | None = None
+    device: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: int):
+    """(per_step, curves): per prompt x step x scope R_V, and per group x step x scope mean."""
+    prompts = list(prompt_set)
+    rows = tokenize_rows(lm.tokenizer, [p.text for p in prompts])
+    points = [address(early, "v"), address(late, "v")]
+    records = []
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = rows[start : start + config.batch_size]
+        result = generate(
+            lm.model, lm.adapter, chunk, config.sampling(), points, pad_id_of(lm.tokenizer)
+        )
+        n_new = result.new_tokens.shape[1]
+        for step in range(n_new + 1):
+            scopes = [(SCOPE_ALL, [result.prompt_window(a, config.window, step) for a in points])]
+            if step >= config.window:
+                scopes.append(
+                    (
+                        SCOPE_GENERATED,
+                        [result.generated_window(a, config.window, step) for a in points],
+                    )
+                )
+            for scope, (win_early, win_late) in scopes:
+                value = r_v(
+                    window_pr(win_late, config.pr_mode), window_pr(win_early, config.pr_mode)
+                )
+                for i in range(len(chunk)):
+                    p = prompts[start + i]
+                    records.append(
+                        {
+                            "prompt_id": p.id,
+                            "group": p.group,
+                            "step": step,
+                            "scope": scope,
+                            "r_v": float(value[i]),
+                        }
+                    )
+    per_step = pd.DataFrame(records)
+    curves = (
+        per_step.groupby(["group", "scope", "step"])["r_v"]
+        .agg(n="count", mean="mean", sd="std", sem="sem")
+        .reset_index()
+    )
+    return per_step, curves
+
+
+def plot_curves(curves: pd.DataFrame, path):
+    from rloop.plotting import _save, plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, scope in zip(axes, (SCOPE_ALL, SCOPE_GENERATED), strict=True):
+        frame = curves[curves.scope == scope]
+        for group, g in frame.groupby("group"):
+            ax.plot(g["step"], g["mean"], label=group)
+            ax.fill_between(g["step"], g["mean"] - g["sem"], g["mean"] + g["sem"], alpha=0.2)
+        ax.set_title(f"R_V over the last W tokens ({scope})")
+        ax.set_xlabel("generation step (0 = end of encoding)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("R_V (mean +- s.e.)")
+    return _save(fig, path)
+
+
+def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None):
+    """Full pipeline with a run record; checks happen before anything is written."""
+    from rloop.experiments.contraction import _markdown_table
+    from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
+    from rloop.profiles import check_mode_for_point, resolve_layers
+    from rloop.prompts import check_window
+
+    config.sampling()
+    if config.window < 2:
+        raise ConfigError(f"window must be at least 2 tokens, got {config.window}")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
+    check_mode_for_point("v", [config.pr_mode])
+    groups = config.groups or [config.recursive_group, config.baseline_group]
+    prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
+    if lm is None:
+        from rloop.models import load_model
+
+        lm = load_model(
+            config.model, revision=config.revision, device=config.device, dtype=config.dtype
+        )
+    early, late, _ = resolve_layers(lm.adapter, config.layers)
+    check_window(prompt_set, lm.tokenizer, config.window)
+
+    def body(run) -> dict:
+        run.set_model(model_manifest(lm))
+        run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
+        per_step, curves = temporal_profile(lm, prompt_set, config, early, late)
+        run.write_table("per_step", per_step)
+        run.write_table("curves", curves)
+        plot_curves(curves, run.plot_path("temporal_r_v"))
+        last = int(curves["step"].max())
+        marks = curves[(curves.scope == SCOPE_ALL) & curves.step.isin([0, last])]
+        summary = [
+            "# Temporal R_V profile",
+            "",
+            f"- model: {lm.name}; R_V = PR(V L{late}) / PR(V L{early}), {config.pr_mode}, "
+            f"window {config.window}; {config.max_new_tokens} tokens, seed {config.seed}",
+            "",
+            "## R_V at step 0 (end of encoding) and at the last step",
+            "",
+            _markdown_table(marks),
+            "",
+            "Files: `per_step.*` (prompt x step x scope), `curves.*`, `plots/temporal_r_v.png`.",
+        ]
+        run.write_summary("\n".join(summary) + "\n")
+        run.update_manifest(
+            layers={"early": early, "late": late}, sampling=config.sampling().to_dict()
+        )
+        head = {}
+        for row in marks.itertuples():
+            head[f"{row.group}:step{row.step}"] = row.mean
+        return head
+
+    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def mean_curve(per_step: pd.DataFrame, group: str, scope: str = SCOPE_ALL) -> np.ndarray:
+    """Mean R_V by step for one group and scope -> (steps,)."""
+    frame = per_step[(per_step.group == group) & (per_step.scope == scope)]
+    return frame.groupby("step")["r_v"].mean().to_numpy()
