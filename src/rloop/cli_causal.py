@@ -82,88 +82,79 @@ def _finish(result) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the causal-battery commands to ``app``; a name ``app`` already has is left alone."""
+    """Add the causal-battery commands (ablate, ablate-group, ..., attribution) to ``app``."""
     from rloop.cli import parse_int_list, run_guarded
 
-    existing = {
-        c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands
-    }
+    command = app.command
 
-    def command(name: str):
-        if name in existing:
-            return lambda fn: fn  # already provided by cli.py: keep that one
-        return app.command(name)
+    @app.command("ablate")
+    def ablate(
+        model: str = MODEL,
+        revision: str = REVISION,
+        prompts: Path = PROMPTS,
+        groups: str = typer.Option(
+            None, help="Comma-separated groups (default L5 from the bank, all of a file)."
+        ),
+        max_prompts: int = typer.Option(10, help="Use at most this many prompts (0 = all)."),
+        layers: str = typer.Option(
+            None, help="Layers whose heads are swept, e.g. 15-30 or 3,7 (default all)."
+        ),
+        mode: str = MODE,
+        reference_group: str = REFERENCE_GROUP,
+        unit: str = typer.Option("query", help="query | kv_group (GQA: a whole KV group)."),
+        measure_layers: str = MEASURE_LAYERS,
+        window: int = WINDOW,
+        pr_mode: str = PR_MODE,
+        top_k: int = typer.Option(10, help="Heads listed in the summary."),
+        max_rows: int = typer.Option(
+            512, help="Rows (head x prompt) per stacked forward: the memory budget."
+        ),
+        n_boot: int = N_BOOT,
+        seed: int = SEED,
+        dtype: str = DTYPE,
+        device: str = DEVICE,
+        out: Path = OUT,
+        force: bool = FORCE,
+    ) -> None:
+        """Exact head-ablation sweep: R_V with each head ablated, per prompt x head.
 
-    if "ablate" not in existing:
+        Writes results (prompt_id, layer, head, r_v_base, r_v_ablated, impact, ...), heads
+        (mean impact, bootstrap CI, BH-adjusted p, noise floor) and an impact heatmap.
 
-        @app.command("ablate")
-        def ablate(
-            model: str = MODEL,
-            revision: str = REVISION,
-            prompts: Path = PROMPTS,
-            groups: str = typer.Option(
-                None, help="Comma-separated groups (default L5 from the bank, all of a file)."
-            ),
-            max_prompts: int = typer.Option(10, help="Use at most this many prompts (0 = all)."),
-            layers: str = typer.Option(
-                None, help="Layers whose heads are swept, e.g. 15-30 or 3,7 (default all)."
-            ),
-            mode: str = MODE,
-            reference_group: str = REFERENCE_GROUP,
-            unit: str = typer.Option("query", help="query | kv_group (GQA: a whole KV group)."),
-            measure_layers: str = MEASURE_LAYERS,
-            window: int = WINDOW,
-            pr_mode: str = PR_MODE,
-            top_k: int = typer.Option(10, help="Heads listed in the summary."),
-            max_rows: int = typer.Option(
-                512, help="Rows (head x prompt) per stacked forward: the memory budget."
-            ),
-            n_boot: int = N_BOOT,
-            seed: int = SEED,
-            dtype: str = DTYPE,
-            device: str = DEVICE,
-            out: Path = OUT,
-            force: bool = FORCE,
-        ) -> None:
-            """Exact head-ablation sweep: R_V with each head ablated, per prompt x head.
+        Examples:
 
-            Writes results (prompt_id, layer, head, r_v_base, r_v_ablated, impact, ...), heads
-            (mean impact, bootstrap CI, BH-adjusted p, noise floor) and an impact heatmap.
+          rloop ablate                                   # every head, 10 L5 prompts
 
-            Examples:
+          rloop ablate --layers 15-28 --measure-layers 5,28 --mode mean
 
-              rloop ablate                                   # every head, 10 L5 prompts
+          rloop ablate --unit kv_group --pr-mode whole --out runs/kv-sweep
+        """
+        from rloop.experiments.ablation import AblationConfig, run_head_sweep
 
-              rloop ablate --layers 15-28 --measure-layers 5,28 --mode mean
+        def go():
+            config = AblationConfig(
+                model=model,
+                revision=revision,
+                prompts=str(prompts) if prompts is not None else None,
+                groups=_names(groups),
+                max_prompts=max_prompts or None,
+                layers=parse_int_list(layers, "--layers"),
+                mode=mode,
+                reference_group=reference_group,
+                unit=unit,
+                measure_layers=parse_int_list(measure_layers, "--measure-layers", count=2),
+                window=window,
+                pr_mode=pr_mode,
+                top_k=top_k,
+                max_rows=max_rows,
+                n_boot=n_boot,
+                seed=seed,
+                dtype=dtype,
+                device=device,
+            )
+            _finish(run_head_sweep(config, out=out, force=force))
 
-              rloop ablate --unit kv_group --pr-mode whole --out runs/kv-sweep
-            """
-            from rloop.experiments.ablation import AblationConfig, run_head_sweep
-
-            def go():
-                config = AblationConfig(
-                    model=model,
-                    revision=revision,
-                    prompts=str(prompts) if prompts is not None else None,
-                    groups=_names(groups),
-                    max_prompts=max_prompts or None,
-                    layers=parse_int_list(layers, "--layers"),
-                    mode=mode,
-                    reference_group=reference_group,
-                    unit=unit,
-                    measure_layers=parse_int_list(measure_layers, "--measure-layers", count=2),
-                    window=window,
-                    pr_mode=pr_mode,
-                    top_k=top_k,
-                    max_rows=max_rows,
-                    n_boot=n_boot,
-                    seed=seed,
-                    dtype=dtype,
-                    device=device,
-                )
-                _finish(run_head_sweep(config, out=out, force=force))
-
-            run_guarded(go)
+        run_guarded(go)
 
     @command("ablate-group")
     def ablate_group(
