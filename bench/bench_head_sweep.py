@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="A-B layers to sweep (default all)")
     parser.add_argument("--measure-layers", default=None, help="E,L (default depth fractions)")
     parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--max-rows", type=int, default=512)
+    parser.add_argument("--max-rows", type=int, default=None, help="cap on stacked rows")
     parser.add_argument("--loop-heads", type=int, default=None, help="time the loop on N heads")
     parser.add_argument("--json", default=None, help="write the numbers to this file")
     args = parser.parse_args()

@@ -70,6 +70,47 @@ def test_sweep_run_record_matches_plain_forwards(tmp_path, monkeypatch) -> None:
     assert headline["top_head"].startswith("L")
 
 
+def test_sweep_kl_column_matches_plain_forward_logits(tmp_path, monkeypatch) -> None:
+    from rloop.capture import Trace
+    from rloop.interventions import head_ablation_edit, keep_mask
+    from rloop.metrics import kl_divergence
+
+    monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
+    lm = tiny_lm("llama")
+    config = AblationConfig(
+        prompts=str(_prompt_file(tmp_path)),
+        groups=["L5"],
+        measure_layers=[1, 2],
+        window=5,
+        n_boot=200,
+        kl=True,
+    )
+    run_dir, _, _ = run_head_sweep(config, out=tmp_path / "run", lm=lm)
+    table = pd.read_csv(run_dir / "results.csv")
+    texts = [p.text for p in prompt_set(3) if p.group == "L5"]
+    ids = [p.id for p in prompt_set(3) if p.group == "L5"]
+    batch = encode(lm.tokenizer, texts)
+    last = torch.tensor(batch.n_tokens) - 1
+
+    def last_logits(edits):
+        with torch.no_grad(), Trace(lm.model, lm.adapter, edits=edits):
+            logits = lm.model(**batch.model_inputs(), use_cache=False).logits  # (P, T, V)
+        return logits[torch.arange(len(texts)), last]  # (P, V)
+
+    clean = last_logits({})
+    for layer in range(lm.adapter.n_layers):  # the late layer 2 included: KL is computed there
+        for head in range(lm.adapter.n_heads):
+            edit = head_ablation_edit(keep_mask(lm.adapter, [[head]]))
+            expected = kl_divergence(clean, last_logits({f"blocks.{layer}.z": edit})).numpy()
+            rows = table[(table["layer"] == layer) & (table["head"] == head)]
+            got = rows.set_index("prompt_id").loc[ids, "kl"].to_numpy()
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-8)
+    heads = pd.read_csv(run_dir / "heads.csv")
+    assert {"mean_kl", "kl_ci_low", "kl_ci_high"} <= set(heads.columns)
+    assert (run_dir / "plots" / "kl_heatmap.png").exists()
+    assert "last-token KL" in (run_dir / "summary.md").read_text()
+
+
 def test_bad_heads_and_modes(tmp_path) -> None:
     lm = tiny_lm("llama")
     with pytest.raises(ConfigError, match="out of range"):

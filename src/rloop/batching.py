@@ -76,15 +76,30 @@ def plan_batches(
     return batches
 
 
+def window_positions(
+    n_tokens: Sequence[int], window: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(B, W) positions of the last ``window`` real tokens of right-padded rows, ascending.
+
+    Built on the host from the known lengths (one copy to ``device``, no synchronisation);
+    raises PromptError naming each row that is too short.
+    """
+    from rloop.metrics import check_window_lengths
+
+    check_window_lengths(n_tokens, window)
+    ends = torch.tensor([int(n) for n in n_tokens]).unsqueeze(1)  # (B, 1)
+    return (ends - window + torch.arange(window)).to(device)  # (B, W)
+
+
+def take_windows(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values (B, T, ...) at ``positions`` (B, W) from :func:`window_positions` -> (B, W, ...)."""
+    rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1)  # (B, 1)
+    return values[rows, positions]  # (B, W, ...)
+
+
 def gather_windows(values: torch.Tensor, n_tokens: Sequence[int], window: int) -> torch.Tensor:
     """The last ``window`` real tokens of each right-padded row: (B, T, ...) -> (B, W, ...).
 
-    A thin wrapper over :func:`rloop.metrics.last_real_window` for batches described by their
-    real-token counts; raises PromptError naming each row that is too short.
+    Raises PromptError naming each row that is too short (the window is never shrunk).
     """
-    from rloop.metrics import last_real_window
-
-    positions = torch.arange(values.shape[1], device=values.device)  # (T,)
-    counts = torch.tensor(list(n_tokens), device=values.device)  # (B,)
-    mask = positions[None, :] < counts[:, None]  # (B, T) right padding
-    return last_real_window(values, mask, window)
+    return take_windows(values, window_positions(n_tokens, window, values.device))

@@ -198,6 +198,54 @@ class Trace:
         return exc_type is not None and issubclass(exc_type, StopForward)
 
 
+class LastTokenLogits:
+    """Logits at one position per row, without running the LM head over every token.
+
+    A hook on the final norm keeps that norm's output at ``positions`` (B,) (e.g. each row's
+    last real token) and ends the forward pass there; :meth:`logits` then applies the model's
+    own output embedding (and Gemma's final logit soft-capping where configured), giving what
+    ``model(...).logits[rows, positions]`` would hold. Use inside a ``with`` like :class:`Trace`;
+    the hook is always removed.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, positions: torch.Tensor) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.positions = positions  # (B,)
+        self.hidden: torch.Tensor | None = None  # (B, d_model) final-norm output
+        self._handle: RemovableHandle | None = None
+
+    def __enter__(self) -> LastTokenLogits:
+        norm = self.model.get_submodule(self.adapter.final_norm_path)
+
+        def hook(module, args, output):
+            out = _first(output)  # (B, T, d)
+            rows = torch.arange(out.shape[0], device=out.device)  # (B,)
+            self.hidden = out[rows, self.positions.to(out.device)]  # (B, d)
+            raise StopForward
+
+        self._handle = norm.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+    def logits(self) -> torch.Tensor:
+        """(B, vocab) logits at the recorded positions, in the model's dtype."""
+        if self.hidden is None:
+            raise RuntimeError("the forward pass did not reach the final norm")
+        logits = self.model.get_output_embeddings()(self.hidden)  # (B, V)
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap  # (B, V)
+        return logits
+
+
 def run_with_trace(
     model: nn.Module,
     adapter: Adapter,

@@ -107,7 +107,15 @@ def register(app: typer.Typer) -> None:
         pr_mode: str = PR_MODE,
         top_k: int = typer.Option(10, help="Heads listed in the summary."),
         max_rows: int = typer.Option(
-            512, help="Rows (head x prompt) per stacked forward: the memory budget."
+            None,
+            help="Cap on rows (head x prompt) per stacked forward (default: as many as fit a "
+            "quarter of free GPU memory, or 1 GiB of activations on the CPU).",
+        ),
+        kl: bool = typer.Option(
+            False,
+            "--kl",
+            help="Also the last-token KL(clean || ablated) per head, a behaviour proxy (runs "
+            "every layer, the LM head at one token; slower).",
         ),
         n_boot: int = N_BOOT,
         seed: int = SEED,
@@ -118,8 +126,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Exact head-ablation sweep: R_V with each head ablated, per prompt x head.
 
-        Writes results (prompt_id, layer, head, r_v_base, r_v_ablated, impact, ...), heads
-        (mean impact, bootstrap CI, BH-adjusted p, noise floor) and an impact heatmap.
+        Writes results (prompt_id, layer, head, r_v_base, r_v_ablated, impact, ...; kl with
+        --kl), heads (mean impact, bootstrap CI, BH-adjusted p, noise floor; mean KL) and
+        heatmaps.
 
         Examples:
 
@@ -128,6 +137,8 @@ def register(app: typer.Typer) -> None:
           rloop ablate --layers 15-28 --measure-layers 5,28 --mode mean
 
           rloop ablate --unit kv_group --pr-mode whole --out runs/kv-sweep
+
+          rloop ablate --layers 20-29 --kl               # + last-token KL per head
         """
         from rloop.experiments.ablation import AblationConfig, run_head_sweep
 
@@ -147,6 +158,7 @@ def register(app: typer.Typer) -> None:
                 pr_mode=pr_mode,
                 top_k=top_k,
                 max_rows=max_rows,
+                kl=kl,
                 n_boot=n_boot,
                 seed=seed,
                 dtype=dtype,
@@ -528,7 +540,9 @@ def register(app: typer.Typer) -> None:
         mode: str = MODE,
         reference_group: str = REFERENCE_GROUP,
         batch_size: int = typer.Option(4, help="Prompts per forward + backward."),
-        max_rows: int = typer.Option(512, help="Rows per stacked forward of the exact sweep."),
+        max_rows: int = typer.Option(
+            None, help="Cap on rows per stacked forward of the exact sweep (default: memory)."
+        ),
         top_k: int = typer.Option(10, help="Heads listed; top-k overlap of the two rankings."),
         model: str = MODEL,
         revision: str = REVISION,

@@ -58,7 +58,8 @@ class AblationConfig:
     pr_mode: str = "per-head"
     unit: str = "query"  # query | kv_group
     top_k: int = 10
-    max_rows: int = 512
+    max_rows: int | None = None  # cap on stacked rows; None = memory budget
+    kl: bool = False  # also last-token KL(clean || ablated), through the LM head
     n_boot: int = 2000
     seed: int = 0
     dtype: str | None = None
@@ -108,7 +109,11 @@ def sweep_table(result, prompt_ids: list[str], mode: str, unit: str, pr_mode: st
                         "computed": is_computed,
                     }
                 )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if result.kl is not None:
+        # Same (layer, head, prompt) order as the rows above.
+        table["kl"] = result.kl.numpy().reshape(-1)
+    return table
 
 
 def head_summary(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFrame, float]:
@@ -140,6 +145,11 @@ def head_summary(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFr
                 "p": p,
                 "pr_late_change": float((frame["pr_late_ablated"] - frame["pr_late_base"]).mean()),
                 "computed": computed,
+                **(
+                    _kl_summary(frame["kl"].to_numpy(dtype=float), n_boot, seed)
+                    if "kl" in frame
+                    else {}
+                ),
             }
         )
     summary = pd.DataFrame(rows)
@@ -152,6 +162,12 @@ def head_summary(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[pd.DataFr
     summary["above_noise"] = summary["mean_impact"].abs() > floor
     summary["rank"] = summary["mean_impact"].abs().rank(ascending=False, method="first").astype(int)
     return summary.sort_values("rank", ignore_index=True), floor
+
+
+def _kl_summary(kl: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Mean last-token KL of one head over prompts with its bootstrap 95 % CI."""
+    ci = bootstrap_ci(kl, n_boot=n_boot, seed=seed)  # NaN CI with < 2 finite values
+    return {"mean_kl": float(np.nanmean(kl)), "kl_ci_low": ci.low, "kl_ci_high": ci.high}
 
 
 def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=None):
@@ -205,7 +221,8 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
                 mean_reference={"group": config.reference_group, "n": len(reference)}
             )
         batch = encode(lm.tokenizer, [p.text for p in prompts], lm.device)
-        with progress_bar("ablating heads", total=len([x for x in layers if x < late])) as advance:
+        n_run = len(set(layers)) if config.kl else len([x for x in layers if x < late])
+        with progress_bar("ablating heads", total=n_run) as advance:
             result = head_sweep(
                 lm.model,
                 adapter,
@@ -219,6 +236,7 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
                 mean_z=mean_z,
                 max_rows=config.max_rows,
                 on_layer=lambda layer: advance(1),
+                kl=config.kl,
             )
         seconds = time.perf_counter() - started
         table = sweep_table(
@@ -253,21 +271,28 @@ def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
 
     layers = sorted(summary["layer"].unique())
     n_units = int(summary["head"].max()) + 1
-    grid = np.full((len(layers), n_units), np.nan)
-    for row in summary.itertuples():
-        grid[layers.index(row.layer), row.head] = row.mean_impact
-    plotting.heatmap(
-        grid,
-        plot_path("impact_heatmap"),
-        title=f"R_V impact of {config.mode}-ablating each {config.unit} head (R_V L{late}/L{early})",
-        xlabel="head",
-        ylabel="layer",
-        row_labels=[str(x) for x in layers],
-    )
+    plots = [("impact_heatmap", "mean_impact", f"R_V impact (R_V L{late}/L{early})")]
+    if "mean_kl" in summary:
+        plots.append(("kl_heatmap", "mean_kl", "last-token KL(clean || ablated), nats"))
+    for name, column, what in plots:
+        grid = np.full((len(layers), n_units), np.nan)
+        for layer, head, value in zip(
+            summary["layer"], summary["head"], summary[column], strict=True
+        ):
+            grid[layers.index(layer), head] = value
+        plotting.heatmap(
+            grid,
+            plot_path(name),
+            title=f"{what} of {config.mode}-ablating each {config.unit} head",
+            xlabel="head",
+            ylabel="layer",
+            row_labels=[str(x) for x in layers],
+        )
 
 
 def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> str:
     top = summary[summary["computed"]].head(config.top_k)
+    has_kl = "mean_kl" in summary
     lines = [
         "# Head ablation sweep",
         "",
@@ -279,18 +304,44 @@ def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> s
         f"- heads with BH-adjusted p < 0.05: {int((summary['p_bh'] < 0.05).sum())}; "
         f"above the noise floor: {int(summary['above_noise'].sum())}",
         f"- sweep time: {seconds:.1f} s",
+    ]
+    if has_kl:
+        lines.append(
+            "- behaviour proxy: KL(clean || ablated) of the next-token distribution at each "
+            "prompt's last token, in nats, for every swept head (layers >= "
+            f"{late} included)"
+        )
+    kl_head = " mean KL | KL 95 % CI |" if has_kl else ""
+    lines += [
         "",
         f"## Top {config.top_k} heads by |mean impact|",
         "",
-        "| rank | layer | head | mean impact | 95 % CI | p | p (BH) | above noise |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| rank | layer | head | mean impact | 95 % CI | p | p (BH) | above noise |{kl_head}",
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_kl else ""),
     ]
     for row in top.itertuples():
+        kl_cells = (
+            f" {row.mean_kl:.4g} | {row.kl_ci_low:.3g}..{row.kl_ci_high:.3g} |" if has_kl else ""
+        )
         lines.append(
             f"| {row.rank} | {row.layer} | {row.head} | {row.mean_impact:+.4g} | "
             f"{row.ci_low:+.3g}..{row.ci_high:+.3g} | {row.p:.3g} | {row.p_bh:.3g} | "
-            f"{'yes' if row.above_noise else 'no'} |"
+            f"{'yes' if row.above_noise else 'no'} |{kl_cells}"
         )
+    if has_kl:
+        by_kl = summary.sort_values("mean_kl", ascending=False).head(config.top_k)
+        lines += [
+            "",
+            f"## Top {config.top_k} heads by mean last-token KL",
+            "",
+            "| layer | head | mean KL | 95 % CI | R_V impact |",
+            "|---|---|---|---|---|",
+        ]
+        for row in by_kl.itertuples():
+            lines.append(
+                f"| {row.layer} | {row.head} | {row.mean_kl:.4g} | "
+                f"{row.kl_ci_low:.3g}..{row.kl_ci_high:.3g} | {row.mean_impact:+.4g} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -323,7 +374,7 @@ def ablated_r_v(
             lm.model(**batch.model_inputs(), use_cache=False)
         pe = window_pr(gather_windows(tr[address(early, "v")], batch.n_tokens, window), pr_mode)
         pl = window_pr(gather_windows(tr[address(late, "v")], batch.n_tokens, window), pr_mode)
-        out.append(r_v(pl.numpy(), pe.numpy()))
+        out.append(r_v(pl.cpu().numpy(), pe.cpu().numpy()))
     return out[0], out[1]
 
 

@@ -227,8 +227,8 @@ def clean_r_v(lm, batch: EncodedBatch, early: int, late: int, window: int, pr_mo
         Trace(lm.model, lm.adapter, capture=[v_early, v_late], stop_after_point=v_late) as tr,
     ):
         lm.model(**batch.model_inputs(), use_cache=False)
-    pe = window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode).numpy()  # (P,)
-    pl = window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode).numpy()  # (P,)
+    pe = window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode).cpu().numpy()  # (P,)
+    pl = window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode).cpu().numpy()  # (P,)
     return pe, pl, r_v(pl, pe)
 
 
@@ -278,7 +278,7 @@ def stacked_head_ablation_r_v(
             lm.model(**inputs, use_cache=False)
         pe = window_pr(gather_windows(tr[v_early], lengths, window), pr_mode)  # (N*P,)
         pl = window_pr(gather_windows(tr[v_late], lengths, window), pr_mode)  # (N*P,)
-        out[start : start + len(chunk)] = r_v(pl, pe).numpy().reshape(len(chunk), n_prompts)
+        out[start : start + len(chunk)] = r_v(pl, pe).cpu().numpy().reshape(len(chunk), n_prompts)
     return out
 
 

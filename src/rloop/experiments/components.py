@@ -77,7 +77,7 @@ def layer_ablation_r_v(
         lm.model(**batch.model_inputs(), use_cache=False)
     pe = window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode)  # (P,)
     pl = window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode)  # (P,)
-    return r_v(pl, pe).numpy()
+    return r_v(pl, pe).cpu().numpy()
 
 
 def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = False, lm=None):
@@ -250,7 +250,7 @@ def component_pr(
         for j, layer in enumerate(layers):
             for component, point in COMPONENT_POINTS.items():
                 windows = gather_windows(tr[address(layer, point)], batch.n_tokens, window)
-                out[component][indices, j] = participation_ratio(windows).numpy()  # (B,)
+                out[component][indices, j] = participation_ratio(windows).cpu().numpy()  # (B,)
     return out
 
 

@@ -189,7 +189,7 @@ class AttributionConfig(CausalSettings):
     reference_group: str = "factual"
     from_sweep: str | None = None  # compare with this finished `rloop ablate` run
     batch_size: int = 4
-    max_rows: int = 512
+    max_rows: int | None = None  # cap on stacked rows; None = memory budget
     top_k: int = 10
 
 

@@ -60,14 +60,12 @@ def _reasons(non_finite: torch.Tensor, zero: torch.Tensor) -> Reasons:
     return labels.tolist()
 
 
-def participation_ratio_with_reason(x) -> tuple[torch.Tensor, Reasons]:
-    """PR of windows x (..., W, d) -> (PR (...) float64, reasons).
+def _participation_ratio(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(PR (...) float64, non_finite (...), zero (...)) of windows x (..., W, d).
 
-    ``reasons`` is a nested list shaped like the leading dimensions (a single value for one
-    window): None where PR is a number, "non-finite activations" or "zero window" where it
-    is NaN.
+    Stays on x's device and never synchronises with it (no reasons are built here), so
+    sweeps can call it once per chunk without stalling a GPU.
     """
-    x = _as_tensor(x)
     _check_window_matrix(x, "participation_ratio")
     non_finite, zero = _window_status(x)  # (...), (...)
     x64 = torch.where(torch.isfinite(x), x, 0).to(torch.float64)  # (..., W, d)
@@ -81,13 +79,24 @@ def participation_ratio_with_reason(x) -> tuple[torch.Tensor, Reasons]:
     undefined = non_finite | zero  # (...)
     pr = trace.square() / torch.where(undefined, 1.0, frobenius_sq)  # (...)
     pr = torch.where(undefined, torch.nan, pr)  # (...)
+    return pr, non_finite, zero
+
+
+def participation_ratio_with_reason(x) -> tuple[torch.Tensor, Reasons]:
+    """PR of windows x (..., W, d) -> (PR (...) float64, reasons).
+
+    ``reasons`` is a nested list shaped like the leading dimensions (a single value for one
+    window): None where PR is a number, "non-finite activations" or "zero window" where it
+    is NaN.
+    """
+    pr, non_finite, zero = _participation_ratio(_as_tensor(x))
     return pr, _reasons(non_finite, zero)
 
 
 def participation_ratio(x) -> torch.Tensor:
     """PR of windows x (..., W, d), any float dtype -> (...) float64; NaN for a zero or
     non-finite window. Computed from the W x W Gram matrix in float64 (no SVD)."""
-    return participation_ratio_with_reason(x)[0]
+    return _participation_ratio(_as_tensor(x))[0]
 
 
 def _heads_first(v: torch.Tensor, name: str) -> torch.Tensor:
@@ -146,8 +155,13 @@ def window_pr_with_reason(v, mode: str) -> tuple[torch.Tensor, Reasons]:
 
 def window_pr(v, mode: str) -> torch.Tensor:
     """PR of v (..., W, H, D) in mode "per-head" (mean over heads) or "whole" -> (...) float64.
-    Raises ConfigError for any other mode."""
-    return window_pr_with_reason(v, mode)[0]
+    Raises ConfigError for any other mode. Same numbers as :func:`window_pr_with_reason`,
+    without building reasons (no host synchronisation)."""
+    _check_mode(mode)
+    v = _as_tensor(v)
+    if mode == PR_MODE_WHOLE:
+        return pr_whole(v)  # (...)
+    return pr_per_head_mean(v)  # (...)
 
 
 def singular_spectrum(x) -> torch.Tensor:
@@ -223,6 +237,21 @@ def differentiable_participation_ratio(x: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.nan, pr)  # (...)
 
 
+def check_window_lengths(n_tokens, window: int) -> None:
+    """Raise PromptError naming every row (index and real-token count) shorter than ``window``;
+    ConfigError for a window that is not an integer >= 2."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ConfigError(f"window must be an integer of at least 2 tokens, got {window!r}")
+    short = [(i, int(n)) for i, n in enumerate(n_tokens) if n < window]
+    if short:
+        listed = ", ".join(f"row {i} has {n} real tokens" for i, n in short[:8])
+        more = f" (and {len(short) - 8} more)" if len(short) > 8 else ""
+        raise PromptError(
+            f"fewer real tokens than the {window}-token window: {listed}{more}; "
+            "use longer prompts or a smaller window"
+        )
+
+
 def last_real_window(hidden: torch.Tensor, attention_mask: torch.Tensor, window: int):
     """The last ``window`` real tokens (attention_mask != 0) of each row, in order.
 
@@ -239,14 +268,7 @@ def last_real_window(hidden: torch.Tensor, attention_mask: torch.Tensor, window:
         )
     real = attention_mask.to(hidden.device) != 0  # (B, T)
     n_real = real.sum(dim=1)  # (B,)
-    short = [(i, int(n)) for i, n in enumerate(n_real.tolist()) if n < window]
-    if short:
-        listed = ", ".join(f"row {i} has {n} real tokens" for i, n in short[:8])
-        more = f" (and {len(short) - 8} more)" if len(short) > 8 else ""
-        raise PromptError(
-            f"fewer real tokens than the {window}-token window: {listed}{more}; "
-            "use longer prompts or a smaller window"
-        )
+    check_window_lengths(n_real.tolist(), window)
     rank_from_end = n_real.unsqueeze(1) - real.long().cumsum(dim=1)  # (B, T) 0 = last real
     selected = real & (rank_from_end < window)  # (B, T), exactly W per row
     positions = selected.nonzero()[:, 1].view(hidden.shape[0], window)  # (B, W) ascending
