@@ -587,3 +587,32 @@ def test_patching_run_reports_circularity_instead_of_transfer(tmp_path, monkeypa
     with pytest.raises(PromptError, match="different lengths"):
         run_patching(PatchConfig(**common, heads="1.2", positions="all"), out=tmp_path / "n", lm=lm)
     assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
+def test_batched_patching_equals_one_pair_at_a_time(family: str) -> None:
+    from rloop.experiments.patching import patched_r_v_batch
+
+    lm = tiny_lm(family)
+    pairs = [
+        ("5 9 3 7 1 8 2 6 4 2 2", "4 4 6 1 9 2 7"),  # longer source
+        ("3 1 4 1 5 9 2", "2 7 1 8 2 8 1 8 2 8"),  # longer target
+        ("6 2 8 3 1 8 5 3", "9 9 8 7 6 5 4 3"),  # equal lengths
+    ]
+    cases = [
+        [PatchSpec(1, "z", (0, 2)), PatchSpec(0, "v", (1,))],
+        [PatchSpec(1, "resid_pre")],
+        [PatchSpec(0, "attn_out"), PatchSpec(1, "mlp_out")],
+    ]
+    for specs in cases:
+        batched, windows = patched_r_v_batch(lm, pairs, specs, EARLY, LATE, WINDOW, "per-head")
+        for i, (source, target) in enumerate(pairs):
+            single, single_windows = patched_r_v(
+                lm, source, target, specs, EARLY, LATE, WINDOW, "per-head"
+            )
+            assert batched[i] == pytest.approx(single, rel=1e-5)
+            torch.testing.assert_close(
+                windows["late"][i], single_windows["late"][0], rtol=1e-4, atol=1e-5
+            )
+    with pytest.raises(PromptError, match="pair 0: source has 11 tokens and target 7"):
+        patched_r_v_batch(lm, pairs, cases[0], EARLY, LATE, WINDOW, "per-head", "all")

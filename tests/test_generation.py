@@ -130,6 +130,7 @@ def test_bad_prompts_and_model_without_cache():
     def no_cache(*args, **kwargs):
         out = forward(*args, **kwargs)
         out.past_key_values = None
+        out.cache = None  # the newer transformers name
         return out
 
     lm.model.forward = no_cache

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rloop.errors import ConfigError
-from rloop.generation import SamplingConfig, generate
+from rloop.generation import SamplingConfig, cache_kwarg, cache_of, generate
 from rloop.kv_cache import (
     PatchRow,
     cache_layer,
@@ -81,8 +81,8 @@ def test_mixed_cache_matches_hand_built_reference(lm):
     rows = [PatchRow(TARGET, SOURCE, layers, alpha), PatchRow(TARGET), PatchRow(SOURCE)]
     result = patched_generate(lm.model, lm.adapter, rows, SamplingConfig(max_new_tokens=3))
     with torch.no_grad():
-        t = lm.model(input_ids=torch.tensor([TARGET[:-1]]), use_cache=True).past_key_values
-        s = lm.model(input_ids=torch.tensor([SOURCE[:-1]]), use_cache=True).past_key_values
+        t = cache_of(lm.model(input_ids=torch.tensor([TARGET[:-1]]), use_cache=True))
+        s = cache_of(lm.model(input_ids=torch.tensor([SOURCE[:-1]]), use_cache=True))
         cache = DynamicCache(config=lm.model.config)
         for layer in range(lm.adapter.n_layers):
             k_t, v_t = cache_layer(t, layer)
@@ -96,8 +96,8 @@ def test_mixed_cache_matches_hand_built_reference(lm):
             input_ids=torch.tensor([[TARGET[-1]]]),
             position_ids=torch.tensor([[n - 1]]),
             attention_mask=torch.ones(1, n, dtype=torch.long),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_kwarg(lm.model): cache},
         )
     torch.testing.assert_close(result.first_logits[0], out.logits[0, -1], atol=1e-4, rtol=0)
     assert not torch.allclose(result.first_logits[0], result.first_logits[1], atol=1e-3)

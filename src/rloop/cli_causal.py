@@ -475,6 +475,7 @@ def register(app: typer.Typer) -> None:
         ),
         source_group: str = typer.Option("L5", help="Source (recursive) group."),
         target_group: str = typer.Option("factual", help="Target (baseline) group."),
+        batch_size: int = typer.Option(16, help="Pairs per stacked forward."),
         model: str = MODEL,
         revision: str = REVISION,
         prompts: Path = PROMPTS,
@@ -526,6 +527,7 @@ def register(app: typer.Typer) -> None:
                 positions=positions,
                 source_group=source_group,
                 target_group=target_group,
+                batch_size=batch_size,
             )
             _finish(run_patching(config, out=out, force=force))
 

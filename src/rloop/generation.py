@@ -196,9 +196,23 @@ def prefill_memory(
             use_cache=True,
             **extra,
         )
-    check_kv_cache(getattr(out, "past_key_values", None))
+    cache = cache_of(out)
+    check_kv_cache(cache)
     captured = {str(parse_address(a)): trace[a] for a in capture}
-    return out.past_key_values, captured
+    return cache, captured
+
+
+def cache_of(out: object) -> object:
+    """The KV cache a forward returned: ``out.cache`` (transformers >= 5.2x) or the older
+    ``out.past_key_values``; None when there is none."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the input KV cache: ``cache`` in newer transformers (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -294,6 +308,7 @@ def decode(
     chosen: list[torch.Tensor] = []
     first_logits = None
     n_new = int(sampling.max_new_tokens)
+    cache_name = cache_kwarg(model)
     with (
         torch.no_grad(),
         generation_attention(layout.last_ids.device),
@@ -306,10 +321,10 @@ def decode(
                 input_ids=inputs,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_name: cache},
             )
-            cache = out.past_key_values
+            cache = cache_of(out)
             check_kv_cache(cache)
             for a in capture:
                 steps[a].append(trace[a])  # (B, 1, ...)

@@ -227,8 +227,12 @@ def clean_r_v(lm, batch: EncodedBatch, early: int, late: int, window: int, pr_mo
         Trace(lm.model, lm.adapter, capture=[v_early, v_late], stop_after_point=v_late) as tr,
     ):
         lm.model(**batch.model_inputs(), use_cache=False)
-    pe = window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode).cpu().numpy()  # (P,)
-    pl = window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode).cpu().numpy()  # (P,)
+    pe = (
+        window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode).cpu().numpy()
+    )  # (P,)
+    pl = (
+        window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode).cpu().numpy()
+    )  # (P,)
     return pe, pl, r_v(pl, pe)
 
 

@@ -31,6 +31,7 @@ late layer change nothing and are reported as such.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,7 @@ class PatchConfig(CausalSettings):
     positions: str = "window"  # window | all
     source_group: str = "L5"
     target_group: str = "factual"
+    batch_size: int = 16  # pairs per stacked forward
 
 
 @dataclass(frozen=True)
@@ -150,41 +152,108 @@ def circularity(specs: list[PatchSpec], early: int, late: int, every_position: b
     return Circularity(False, None)
 
 
-def _aligned_source(source: torch.Tensor, n_src: int, n_tgt: int, width: int, window: int | None):
-    """Source activations (1, T_src, ...) placed at the target positions they patch.
+def aligned_source_index(
+    n_src: Sequence[int], n_tgt: Sequence[int], width: int, window: int | None, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which source position each target position of a right-padded batch reads.
 
-    window=None: every position (n_src == n_tgt). Otherwise the last ``window`` real
-    positions, aligned from the end. Returns (aligned (1, width, ...), target positions).
+    Returns (index (N, width) long, patched (N, width) bool). Row i patches target positions
+    n_tgt - W .. n_tgt - 1 (window=W) or 0 .. n_tgt - 1 (window=None, equal lengths), each
+    from the source position aligned from the end: target j <- source j + n_src - n_tgt.
     """
-    aligned = torch.zeros((1, width, *source.shape[2:]), dtype=source.dtype, device=source.device)
-    if window is None:
-        aligned[:, :n_tgt] = source[:, :n_src]
-        return aligned, tuple(range(n_tgt))
-    aligned[:, n_tgt - window : n_tgt] = source[:, n_src - window : n_src]
-    return aligned, tuple(range(n_tgt - window, n_tgt))
+    cols = torch.arange(width, device=device)[None, :]  # (1, T)
+    ns = torch.tensor(list(n_src), device=device)[:, None]  # (N, 1)
+    nt = torch.tensor(list(n_tgt), device=device)[:, None]  # (N, 1)
+    first = nt - window if window is not None else torch.zeros_like(nt)  # (N, 1)
+    patched = (cols >= first) & (cols < nt)  # (N, T)
+    index = (cols + ns - nt).clamp(min=0, max=int(max(n_src)) - 1)  # (N, T)
+    return index, patched
 
 
-def positions_patch_edit(
-    source: torch.Tensor, positions: tuple[int, ...], heads: tuple[int, ...] | None
+def batched_patch_edit(
+    source: torch.Tensor, index: torch.Tensor, patched: torch.Tensor, heads: Sequence[int] | None
 ) -> EditFn:
-    """Edit writing ``source`` (1, T, H, D) or (1, T, d) into the target at ``positions``
-    (and only ``heads`` of a per-head point). Like interventions.patch_edit, but correct when
-    both positions and heads are given (patch_edit's ``out[:, pos, heads]`` broadcasts the
-    two index lists against each other)."""
-    pos = torch.tensor(positions, dtype=torch.long)  # (n_pos,)
+    """Edit writing each row's source activations into the target rows.
 
-    def edit(x: torch.Tensor) -> torch.Tensor:  # (1, T, H, D) or (1, T, d)
-        src = source.to(device=x.device, dtype=x.dtype)
-        p = pos.to(x.device)
-        out = x.clone()
-        if heads is None:
-            out[:, p] = src[:, p]
-        else:
-            h = torch.tensor(heads, dtype=torch.long, device=x.device)  # (n_heads,)
-            out[:, p[:, None], h[None, :]] = src[:, p[:, None], h[None, :]]  # (1, n_pos, n_h, D)
-        return out
+    source: (N, T_src, H, D) or (N, T_src, d) from the source run; index / patched (N, T):
+    from :func:`aligned_source_index`. heads: only these heads of a per-head point (None =
+    the whole point). Every (position, head) pair of the two sets is written.
+    """
+    rows = torch.arange(source.shape[0], device=source.device)[:, None]  # (N, 1)
+    aligned = source[rows, index]  # (N, T, H, D) or (N, T, d)
+    where = patched  # (N, T)
+    if source.dim() == 4:
+        head_mask = torch.ones(source.shape[2], dtype=torch.bool, device=source.device)  # (H,)
+        if heads is not None:
+            head_mask = torch.zeros_like(head_mask)
+            head_mask[list(heads)] = True
+        where = where[:, :, None, None] & head_mask[None, None, :, None]  # (N, T, H, 1)
+    else:
+        where = where[:, :, None]  # (N, T, 1)
+
+    def edit(x: torch.Tensor) -> torch.Tensor:  # (N, T, H, D) or (N, T, d)
+        return torch.where(where.to(x.device), aligned.to(device=x.device, dtype=x.dtype), x)
 
     return edit
+
+
+def patched_r_v_batch(
+    lm,
+    pairs: Sequence[tuple[str, str]],
+    specs: list[PatchSpec],
+    early: int,
+    late: int,
+    window: int,
+    pr_mode: str,
+    positions: str = "window",
+) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """R_V of each target with ``specs`` patched from its own source, all pairs in two
+    forwards (every source, then every patched target; rows right-padded).
+
+    pairs: (source text, target text). Returns (R_V (N,) float64, {"early": V windows
+    (N, W, Hkv, D), "late": ...}) of the patched runs; equal to one pair at a time (tested).
+    """
+    src = encode(lm.tokenizer, [s for s, _ in pairs], lm.device)
+    tgt = encode(lm.tokenizer, [t for _, t in pairs], lm.device)
+    if positions == "all":
+        for i, (n_src, n_tgt) in enumerate(zip(src.n_tokens, tgt.n_tokens, strict=True)):
+            if n_src != n_tgt:
+                raise PromptError(
+                    f"pair {i}: source has {n_src} tokens and target {n_tgt}: --positions all "
+                    "needs equal lengths; use --positions window (aligned from the end)"
+                )
+    points = [address(s.layer, s.point) for s in specs]
+    deepest = max(s.layer for s in specs)
+    with (
+        torch.no_grad(),
+        Trace(lm.model, lm.adapter, capture=points, stop_after_layer=deepest) as source_run,
+    ):
+        lm.model(**src.model_inputs(), use_cache=False)
+    index, patched = aligned_source_index(
+        src.n_tokens,
+        tgt.n_tokens,
+        tgt.input_ids.shape[1],
+        None if positions == "all" else window,
+        lm.device,
+    )  # (N, T), (N, T)
+    edits = {
+        point: batched_patch_edit(source_run[point], index, patched, spec.heads)
+        for spec, point in zip(specs, points, strict=True)
+    }
+    v_early, v_late = address(early, "v"), address(late, "v")
+    with (
+        torch.no_grad(),
+        Trace(
+            lm.model, lm.adapter, capture=[v_early, v_late], edits=edits, stop_after_point=v_late
+        ) as tr,
+    ):
+        lm.model(**tgt.model_inputs(), use_cache=False)
+    windows = {
+        "early": gather_windows(tr[v_early], tgt.n_tokens, window),  # (N, W, Hkv, D)
+        "late": gather_windows(tr[v_late], tgt.n_tokens, window),  # (N, W, Hkv, D)
+    }
+    pe, pl = window_pr(windows["early"], pr_mode), window_pr(windows["late"], pr_mode)  # (N,)
+    return r_v(pl, pe).cpu().numpy(), windows
 
 
 def patched_r_v(
@@ -198,49 +267,14 @@ def patched_r_v(
     pr_mode: str,
     positions: str = "window",
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """R_V of the target with ``specs`` patched from the source (one pair, batch size 1).
+    """R_V of one target with ``specs`` patched from one source (a batch of one pair).
 
     Returns (R_V, {"early": V window (1, W, Hkv, D), "late": ...}) of the patched run.
     """
-    src = encode(lm.tokenizer, [source_text], lm.device)
-    tgt = encode(lm.tokenizer, [target_text], lm.device)
-    n_src, n_tgt = src.n_tokens[0], tgt.n_tokens[0]
-    if positions == "all" and n_src != n_tgt:
-        raise PromptError(
-            f"source has {n_src} tokens and target {n_tgt}: --positions all needs equal lengths; "
-            "use --positions window (aligned from the end)"
-        )
-    points = [address(s.layer, s.point) for s in specs]
-    deepest = max(s.layer for s in specs)
-    with (
-        torch.no_grad(),
-        Trace(lm.model, lm.adapter, capture=points, stop_after_layer=deepest) as source_run,
-    ):
-        lm.model(**src.model_inputs(), use_cache=False)
-    edits = {}
-    for spec, point in zip(specs, points, strict=True):
-        aligned, target_positions = _aligned_source(
-            source_run[point],
-            n_src,
-            n_tgt,
-            tgt.input_ids.shape[1],
-            None if positions == "all" else window,
-        )
-        edits[point] = positions_patch_edit(aligned, target_positions, spec.heads)
-    v_early, v_late = address(early, "v"), address(late, "v")
-    with (
-        torch.no_grad(),
-        Trace(
-            lm.model, lm.adapter, capture=[v_early, v_late], edits=edits, stop_after_point=v_late
-        ) as tr,
-    ):
-        lm.model(**tgt.model_inputs(), use_cache=False)
-    windows = {
-        "early": gather_windows(tr[v_early], tgt.n_tokens, window),  # (1, W, Hkv, D)
-        "late": gather_windows(tr[v_late], tgt.n_tokens, window),  # (1, W, Hkv, D)
-    }
-    pe, pl = window_pr(windows["early"], pr_mode), window_pr(windows["late"], pr_mode)  # (1,)
-    return float(r_v(pl, pe)[0]), windows
+    values, windows = patched_r_v_batch(
+        lm, [(source_text, target_text)], specs, early, late, window, pr_mode, positions
+    )
+    return float(values[0]), windows
 
 
 def n_tokens_of(lm, text: str) -> int:
@@ -275,6 +309,8 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
 
     if config.source_group == config.target_group:
         raise ConfigError("--source-group and --target-group must differ")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
     if config.groups is None:
         config.groups = [config.source_group, config.target_group]
     prepared = prepare(config, None, lm)
@@ -307,11 +343,11 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
         _, _, target_rv = clean_r_v(lm, tgt_batch, early, late, config.window, config.pr_mode)
         patched = np.empty(len(pairs))
         with progress_bar("patching pairs", total=len(pairs)) as advance:
-            for i, (s, t) in enumerate(pairs):
-                patched[i], _ = patched_r_v(
+            for start in range(0, len(pairs), config.batch_size):
+                chunk = pairs[start : start + config.batch_size]
+                patched[start : start + len(chunk)], _ = patched_r_v_batch(
                     lm,
-                    s.text,
-                    t.text,
+                    [(s.text, t.text) for s, t in chunk],
                     specs,
                     early,
                     late,
@@ -319,7 +355,7 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
                     config.pr_mode,
                     config.positions,
                 )
-                advance(1)
+                advance(len(chunk))
         seconds = time.perf_counter() - started
         gap_ci = bootstrap_ci(source_rv - target_rv, n_boot=config.n_boot, seed=config.seed)
         noise = (gap_ci.high - gap_ci.low) / 2 if np.isfinite(gap_ci.high) else np.inf
