@@ -207,7 +207,7 @@ def test_memory_budget_chunks_give_the_same_sweep() -> None:
     # A budget of a few rows' activations forces many chunks.
     from rloop.head_sweep import activation_bytes_per_token
 
-    tiny_budget = 30 * activation_bytes_per_token(model, adapter)
+    tiny_budget = 30 * activation_bytes_per_token(model, adapter, max(batch.n_tokens))
     chunked = head_sweep(model, adapter, batch, [0, 1], 1, 2, WINDOW, memory_budget=tiny_budget)
     for m in whole.pr_late:
         torch.testing.assert_close(chunked.pr_late[m], whole.pr_late[m], rtol=1e-5, atol=0)

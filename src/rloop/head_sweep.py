@@ -75,20 +75,22 @@ class SweepResult:
 
 # Activation memory of one block's forward per token, in model-dtype elements, as a multiple
 # of (d_model, intermediate): residual, norm output, q/k/v (+ rotary copies), attention
-# result and output, MLP in/out; doubled for allocator slack and temporaries.
+# result and output, MLP in/out; plus one attention-score row per head (eager attention
+# materialises (B, H, T, T)); doubled for allocator slack and temporaries.
 _BLOCK_ELEMENTS_PER_TOKEN = (12, 2)
 _SLACK = 2.0
 
 
-def activation_bytes_per_token(model: nn.Module, adapter: Adapter) -> int:
-    """Estimated peak activation bytes one stacked row-token costs in a block's forward."""
+def activation_bytes_per_token(model: nn.Module, adapter: Adapter, width: int) -> int:
+    """Estimated peak activation bytes one stacked row-token of a ``width``-token forward
+    costs in a block."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
     config = config or model.config
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
     inter = int(inter or 4 * adapter.d_model)
     dtype = next(model.parameters()).dtype
     per_d, per_inter = _BLOCK_ELEMENTS_PER_TOKEN
-    elements = per_d * adapter.d_model + per_inter * inter + adapter.n_heads * 64
+    elements = per_d * adapter.d_model + per_inter * inter + adapter.n_heads * width
     return int(_SLACK * elements * torch.finfo(dtype).bits // 8)
 
 
@@ -208,7 +210,8 @@ def head_sweep(
     )
     lengths = [batch.n_tokens[p] for _, p in pairs]
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-    max_tokens = max(1, budget // activation_bytes_per_token(model, adapter))
+    per_token = activation_bytes_per_token(model, adapter, max(lengths))
+    max_tokens = max(1, budget // per_token)
     chunks = []
     for first, end in plan_chunks(lengths, max_tokens, max_rows):
         units = [u for u, _ in pairs[first:end]]

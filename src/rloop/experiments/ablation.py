@@ -271,10 +271,10 @@ def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
 
     layers = sorted(summary["layer"].unique())
     n_units = int(summary["head"].max()) + 1
-    plots = [("impact_heatmap", "mean_impact", f"R_V impact (R_V L{late}/L{early})")]
-    if "mean_kl" in summary:
-        plots.append(("kl_heatmap", "mean_kl", "last-token KL(clean || ablated), nats"))
-    for name, column, what in plots:
+    plots = [("impact_heatmap", "mean_impact", f"R_V impact (R_V L{late}/L{early})", True)]
+    if "mean_kl" in summary:  # KL >= 0: a sequential colour map
+        plots.append(("kl_heatmap", "mean_kl", "Last-token KL (nats)", False))
+    for name, column, what, center in plots:
         grid = np.full((len(layers), n_units), np.nan)
         for layer, head, value in zip(
             summary["layer"], summary["head"], summary[column], strict=True
@@ -287,6 +287,7 @@ def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
             xlabel="head",
             ylabel="layer",
             row_labels=[str(x) for x in layers],
+            center=center,
         )
 
 
