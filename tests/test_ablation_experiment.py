@@ -33,16 +33,16 @@ def _prompt_file(tmp_path, n=3):
     return path
 
 
+def _l5_config(tmp_path, **overrides) -> AblationConfig:
+    """The sweep over the 3-prompt L5 file on the tiny model, R_V at layers 1 and 2."""
+    settings = {"groups": ["L5"], "measure_layers": [1, 2], "window": 5, "n_boot": 200}
+    return AblationConfig(prompts=str(_prompt_file(tmp_path)), **{**settings, **overrides})
+
+
 def test_sweep_run_record_matches_plain_forwards(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
     lm = tiny_lm("llama")
-    config = AblationConfig(
-        prompts=str(_prompt_file(tmp_path)),
-        groups=["L5"],
-        measure_layers=[1, 2],
-        window=5,
-        n_boot=200,
-    )
+    config = _l5_config(tmp_path)
     run_dir, already, headline = run_head_sweep(config, out=tmp_path / "run", lm=lm)
     assert not already
     table = pd.read_csv(run_dir / "results.csv")
@@ -77,14 +77,7 @@ def test_sweep_kl_column_matches_plain_forward_logits(tmp_path, monkeypatch) -> 
 
     monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
     lm = tiny_lm("llama")
-    config = AblationConfig(
-        prompts=str(_prompt_file(tmp_path)),
-        groups=["L5"],
-        measure_layers=[1, 2],
-        window=5,
-        n_boot=200,
-        kl=True,
-    )
+    config = _l5_config(tmp_path, kl=True)
     run_dir, _, _ = run_head_sweep(config, out=tmp_path / "run", lm=lm)
     table = pd.read_csv(run_dir / "results.csv")
     texts = [p.text for p in prompt_set(3) if p.group == "L5"]
