@@ -4,7 +4,13 @@
 #   scripts/gpu_smoke.sh MODEL_DIR [RUNS_DIR]
 # MODEL_DIR: any supported model saved with save_pretrained (weights + tokenizer); a random
 # 8-layer Llama with the embedded model's tokenizer is enough. Exits non-zero if any failed.
-# DEVICE=cpu DTYPE=float32 runs the same list on the CPU.
+# DEVICE=cpu DTYPE=float32 runs the same list on the CPU. Making such a directory (18 MB):
+#   python -c 'import torch; from transformers import AutoModelForCausalLM, LlamaConfig
+#   from rloop.models import load_model; tok = load_model("smollm2-135m").tokenizer
+#   cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+#       num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+#   AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained("tiny-llama")
+#   tok.save_pretrained("tiny-llama")'
 set -u
 model=${1:?usage: scripts/gpu_smoke.sh MODEL_DIR [RUNS_DIR]}
 runs=${2:-/tmp/rloop-gpu-smoke}
