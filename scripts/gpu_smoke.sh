@@ -30,6 +30,7 @@ run() {
 rm -rf "$runs" && mkdir -p "$runs"
 run contraction contraction "${common[@]}" --layers 1,6 --window 8
 run ablate ablate "${common[@]}" --measure-layers 1,6 --window 8 --max-prompts 4
+run ablate-kl ablate "${common[@]}" --measure-layers 1,6 --window 8 --max-prompts 4 --kl
 run ablate-mean ablate "${common[@]}" --measure-layers 1,6 --window 8 --max-prompts 4 --mode mean --unit kv_group
 run ablate-group ablate-group "${common[@]}" --from-sweep "$runs/ablate" --top-k 3 --n-random 3 --measure-layers 1,6 --window 8 --max-prompts 4
 run ablate-layer ablate-layer "${common[@]}" --layers 0-5 --component both --measure-layers 1,6 --window 8 --max-prompts 4
