@@ -63,10 +63,14 @@ def _rotary_fraction(config: object, model_type: str, d_head: int) -> float:
     return 1.0
 
 
+def text_config(config: object) -> object:
+    """The text (language-model) config of a transformers config; itself if it has none."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def architecture_facts(config: object, n_params: int | None = None) -> ArchitectureFacts:
     """Facts of a transformers config (the text config of a multimodal one)."""
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(config)
     model_type = str(getattr(config, "model_type", "unknown"))
     try:
         n_heads = int(config.num_attention_heads)

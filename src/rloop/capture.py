@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from rloop.adapters.base import Adapter
+from rloop.architecture import text_config
 from rloop.errors import ConfigError
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
@@ -238,9 +239,7 @@ class LastTokenLogits:
         if self.hidden is None:
             raise RuntimeError("the forward pass did not reach the final norm")
         logits = self.model.get_output_embeddings()(self.hidden)  # (B, V)
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        cap = getattr(config, "final_logit_softcapping", None)
+        cap = getattr(text_config(self.model.config), "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap  # (B, V)
         return logits

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
+from rloop.architecture import text_config
 from rloop.batching import EncodedBatch, gather_windows, take_windows, window_positions
 from rloop.capture import LastTokenLogits, Trace, address
 from rloop.interventions import head_ablation_edit, keep_mask, query_heads_of
@@ -84,8 +85,7 @@ _SLACK = 2.0
 def activation_bytes_per_token(model: nn.Module, adapter: Adapter, width: int) -> int:
     """Estimated peak activation bytes one stacked row-token of a ``width``-token forward
     costs in a block."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    config = config or model.config
+    config = text_config(model.config)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
     inter = int(inter or 4 * adapter.d_model)
     dtype = next(model.parameters()).dtype

@@ -10,6 +10,7 @@ from rloop.adapters.gpt2 import GPT2
 from rloop.adapters.gpt_neox import GPT_NEOX
 from rloop.adapters.gptj import GPTJ
 from rloop.adapters.llama import LLAMA
+from rloop.architecture import text_config
 from rloop.errors import UnsupportedArchitectureError
 
 FAMILIES: tuple[Adapter, ...] = (LLAMA, GEMMA3, GPT_NEOX, GPT2, GPTJ)
@@ -40,8 +41,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
-            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            adapter = family.bind(text_config)
+            adapter = family.bind(text_config(config))
             _validate(adapter, model)
             return adapter
     families = ", ".join(f"{f.family} ({'/'.join(f.model_types)})" for f in FAMILIES)
