@@ -23,12 +23,12 @@ def main() -> None:
     parser.add_argument("--skip-exact", action="store_true")
     args = parser.parse_args()
 
-    from rloop.attribution import head_gradients
-    from rloop.batching import encode
-    from rloop.head_sweep import head_sweep
+    from rloop.capture.batching import encode
+    from rloop.interventions.engine import resolve_layers
+    from rloop.interventions.gradients import head_gradients
+    from rloop.interventions.head_sweep import head_sweep
     from rloop.metrics import r_v
     from rloop.models import load_model
-    from rloop.profiles import resolve_layers
     from rloop.prompts import load_bank
 
     lm = load_model(args.model)

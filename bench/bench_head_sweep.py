@@ -26,8 +26,8 @@ import time
 import torch
 
 from rloop.adapters import adapter_for
-from rloop.batching import EncodedBatch, encode
-from rloop.head_sweep import head_sweep, single_head_reference
+from rloop.capture.batching import EncodedBatch, encode
+from rloop.interventions.head_sweep import head_sweep, single_head_reference
 from rloop.metrics import r_v
 
 SHAPES = {
@@ -104,7 +104,7 @@ def main() -> None:
         texts = [p.text for p in load_bank().select(["L5"])][: args.prompts]
         batch = encode(lm.tokenizer, texts, lm.device)
         name = lm.name
-    from rloop.profiles import resolve_layers
+    from rloop.interventions.engine import resolve_layers
 
     measure = [int(x) for x in args.measure_layers.split(",")] if args.measure_layers else None
     early, late, _ = resolve_layers(adapter, measure)

@@ -7,7 +7,7 @@ GPU (random weights of Mistral-7B's shape, bf16, 10 pairs x 5 alphas x 64 tokens
 on layers 16-31):
     python bench/bench_kv_mixing.py --model-shape mistral-7b --device cuda --dtype bfloat16
 
-Both paths run :func:`rloop.kv_cache.patched_generate` on the same rows in one process; the
+Both paths run :func:`rloop.interventions.kv_cache.patched_generate` on the same rows in one process; the
 batched call's greedy tokens are checked against the loop's (printed as ``tokens_equal``; bf16
 batching can flip near-tied argmaxes, so the fraction of equal tokens is printed too).
 """
@@ -21,8 +21,13 @@ import time
 import torch
 
 from rloop.adapters import adapter_for
-from rloop.generation import SamplingConfig
-from rloop.kv_cache import DEFAULT_ALPHAS, PatchRow, default_patch_layers, patched_generate
+from rloop.capture.generation import SamplingConfig
+from rloop.interventions.kv_cache import (
+    DEFAULT_ALPHAS,
+    PatchRow,
+    default_patch_layers,
+    patched_generate,
+)
 
 SHAPES = {
     # name: (layers, heads, kv heads, d_model, intermediate, vocab)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rloop.batching import encode
+from rloop.capture.batching import encode
 from rloop.errors import ConfigError
 from rloop.experiments.ablation import (
     AblationConfig,
@@ -19,7 +19,7 @@ from rloop.experiments.ablation import (
     layer_ablation_edits,
     run_head_sweep,
 )
-from rloop.head_sweep import single_head_reference
+from rloop.interventions.head_sweep import single_head_reference
 from rloop.metrics import r_v
 from tests.test_contraction import prompt_set
 from tests.tiny_models import tiny_lm
@@ -71,8 +71,8 @@ def test_sweep_run_record_matches_plain_forwards(tmp_path, monkeypatch) -> None:
 
 
 def test_sweep_kl_column_matches_plain_forward_logits(tmp_path, monkeypatch) -> None:
-    from rloop.capture import Trace
-    from rloop.interventions import head_ablation_edit, keep_mask
+    from rloop.capture.trace import Trace
+    from rloop.interventions.edits import head_ablation_edit, keep_mask
     from rloop.metrics import kl_divergence
 
     monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))

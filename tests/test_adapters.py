@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rloop.adapters import adapter_for
-from rloop.capture import Trace, address
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, UnsupportedArchitectureError
 from tests.tiny_models import FAMILIES, VOCAB, tiny_model
 

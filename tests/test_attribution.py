@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rloop.adapters import adapter_for
-from rloop.attribution import head_gradients
-from rloop.batching import gather_windows
-from rloop.capture import Trace, address
+from rloop.capture.batching import gather_windows
+from rloop.capture.trace import Trace, address
+from rloop.interventions.gradients import head_gradients
 from rloop.metrics import window_pr
 from tests.test_head_sweep import _ragged_batch
 from tests.tiny_models import tiny_model
@@ -107,7 +107,7 @@ def test_saliency_is_the_gradient_norm() -> None:
         detach=False,
     ) as tr:
         model(**batch.model_inputs(), use_cache=False)
-    from rloop.attribution import differentiable_window_pr
+    from rloop.interventions.gradients import differentiable_window_pr
 
     e = differentiable_window_pr(
         gather_windows(tr[address(1, "v")], batch.n_tokens, WINDOW), "per-head"

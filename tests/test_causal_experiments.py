@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rloop.batching import encode
+from rloop.capture.batching import encode
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.ablation import AblationConfig, run_head_sweep
 from rloop.experiments.causal import parse_heads, stacked_head_ablation_r_v
@@ -36,7 +36,7 @@ from rloop.experiments.saliency import (
     run_attribution,
     run_saliency,
 )
-from rloop.interventions import PatchSpec
+from rloop.interventions.edits import PatchSpec
 from tests.tiny_models import tiny_lm
 
 WINDOW = 4

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from rloop.cli_causal import register
+from rloop.cli.causal import register
 from tests.test_causal_experiments import write_prompts
 from tests.tiny_models import tiny_lm
 

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from rloop.capture import Trace, address
+from rloop.capture.trace import Trace, address
 from rloop.experiments.gain import measure_gain
-from rloop.interventions import head_ablation_edit
+from rloop.interventions.edits import head_ablation_edit
 from tests.test_contraction import prompt_set
 from tests.tiny_models import TinyLM, tiny_lm
 

@@ -12,10 +12,10 @@ import pytest
 import scipy.stats
 import torch
 
-from rloop.architecture import architecture_facts, facts_of_model
-from rloop.capture import Trace, address
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, ModelLoadError
 from rloop.experiments.gain import GainConfig, h25_predictions, measure_gain, run_gain
+from rloop.models.architecture import architecture_facts, facts_of_model
 from tests.test_contraction import prompt_set
 from tests.test_sweeps import write_prompts
 from tests.tiny_models import FAMILIES, tiny_config, tiny_lm

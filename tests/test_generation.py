@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rloop.capture import Trace
+from rloop.capture.generation import SamplingConfig, generate, layout_prompts
+from rloop.capture.trace import Trace
 from rloop.errors import ConfigError, PromptError, UnsupportedArchitectureError
-from rloop.generation import SamplingConfig, generate, layout_prompts
 from tests.tiny_models import VOCAB, WordTokenizer, tiny_lm
 
 ROWS = [
@@ -140,7 +140,7 @@ def test_bad_prompts_and_model_without_cache():
 
 @pytest.mark.slow
 def test_embedded_model_batched_greedy_equals_hf_generate():
-    from rloop.generation import generate_texts
+    from rloop.capture.generation import generate_texts
     from rloop.models import load_model
     from rloop.prompts import load_bank
 

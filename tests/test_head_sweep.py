@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rloop.adapters import adapter_for
-from rloop.batching import EncodedBatch
-from rloop.head_sweep import head_sweep, single_head_reference
-from rloop.interventions import mean_activations
+from rloop.capture.batching import EncodedBatch
+from rloop.interventions.edits import mean_activations
+from rloop.interventions.head_sweep import head_sweep, single_head_reference
 from tests.tiny_models import FAMILIES, VOCAB, tiny_model
 
 WINDOW = 4
@@ -97,7 +97,7 @@ def test_mean_activations_is_the_masked_token_mean() -> None:
     texts = ["5 6 7 8", "9 10 11 12 13 14"]
     means = mean_activations(model, adapter, _WordTokenizer(), texts, [1], "attn_out", batch_size=1)
     rows = []
-    from rloop.capture import Trace
+    from rloop.capture.trace import Trace
 
     for t in texts:
         ids = torch.tensor([[int(w) for w in t.split()]])
@@ -110,7 +110,7 @@ def test_mean_activations_is_the_masked_token_mean() -> None:
 
 def _plain_last_logits(model, batch: EncodedBatch, edits=None) -> torch.Tensor:
     """Logits at each row's last real token from a plain Hugging Face forward -> (P, V)."""
-    from rloop.capture import Trace
+    from rloop.capture.trace import Trace
 
     adapter = adapter_for(model)
     with torch.no_grad(), Trace(model, adapter, edits=edits or {}):
@@ -121,7 +121,7 @@ def _plain_last_logits(model, batch: EncodedBatch, edits=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_token_logits_equal_the_models_logits(family: str) -> None:
-    from rloop.capture import LastTokenLogits
+    from rloop.capture.trace import LastTokenLogits
 
     model = tiny_model(family)
     if family == "gemma3":  # exercise the soft-capping branch too
@@ -148,7 +148,7 @@ def test_kl_divergence_against_a_hand_computed_case() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2", "gemma3"])
 def test_sweep_kl_equals_plain_forward_kl(family: str) -> None:
-    from rloop.interventions import head_ablation_edit, keep_mask
+    from rloop.interventions.edits import head_ablation_edit, keep_mask
     from rloop.metrics import kl_divergence
 
     model = tiny_model(family)
@@ -174,7 +174,7 @@ def test_sweep_kl_equals_plain_forward_kl(family: str) -> None:
 
 
 def test_plan_chunks_is_balanced_and_within_budget() -> None:
-    from rloop.head_sweep import plan_chunks
+    from rloop.interventions.head_sweep import plan_chunks
 
     lengths = [5] * 7 + [9] * 6  # sorted, as the sweep orders its rows
     chunks = plan_chunks(lengths, max_tokens=40)
@@ -187,7 +187,7 @@ def test_plan_chunks_is_balanced_and_within_budget() -> None:
 
 
 def test_window_positions_match_last_real_window() -> None:
-    from rloop.batching import take_windows, window_positions
+    from rloop.capture.batching import take_windows, window_positions
     from rloop.errors import PromptError
     from rloop.metrics import last_real_window
 
@@ -205,7 +205,7 @@ def test_memory_budget_chunks_give_the_same_sweep() -> None:
     batch = _ragged_batch()
     whole = head_sweep(model, adapter, batch, [0, 1], 1, 2, WINDOW)
     # A budget of a few rows' activations forces many chunks.
-    from rloop.head_sweep import activation_bytes_per_token
+    from rloop.interventions.head_sweep import activation_bytes_per_token
 
     tiny_budget = 30 * activation_bytes_per_token(model, adapter, max(batch.n_tokens))
     chunked = head_sweep(model, adapter, batch, [0, 1], 1, 2, WINDOW, memory_budget=tiny_budget)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rloop.errors import ConfigError
-from rloop.interventions import PatchSpec, patch_edit
+from rloop.interventions.edits import PatchSpec, patch_edit
 
 
 def test_patch_positions_and_heads_are_crossed() -> None:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from rloop.capture.generation import SamplingConfig, cache_kwarg, cache_of, generate
 from rloop.errors import ConfigError
-from rloop.generation import SamplingConfig, cache_kwarg, cache_of, generate
-from rloop.kv_cache import (
+from rloop.interventions.kv_cache import (
     PatchRow,
     cache_layer,
     check_alpha,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from rloop.errors import ConfigError
-from rloop.executors import RayExecutor, check_ray_address, make_executor
+from rloop.experiments.executors import RayExecutor, check_ray_address, make_executor
 from rloop.experiments.sweeps import ScalingConfig, run_scaling
 from tests.test_sweeps import load_local, save_checkpoint, settings
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from rloop.cli_runs import runs_app
+from rloop.cli.runs import runs_app
 from rloop.errors import RloopError, RunStoreError
 from rloop.runs import (
     Run,

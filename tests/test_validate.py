@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from rloop.capture import Trace
+from rloop.capture.trace import Trace
 from rloop.errors import ConfigError
 from rloop.experiments.kv_patching import KVPatchConfig, run_kv_patching
 from rloop.experiments.temporal import TemporalConfig, run_temporal
@@ -230,7 +230,7 @@ def test_temporal_step0_matches_plain_forward(tmp_path):
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    from rloop.cli_generation import register
+    from rloop.cli.generation import register
 
     app = typer.Typer()
     register(app)

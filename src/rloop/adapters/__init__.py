@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from rloop.adapters.base import HEAD_POINTS, HOOK_POINTS, STREAM_POINTS, Adapter, PointSpec
+from rloop.adapters.base import (
+    HEAD_POINTS,
+    HOOK_POINTS,
+    STREAM_POINTS,
+    Adapter,
+    PointSpec,
+    text_config,
+)
 from rloop.adapters.gemma3 import GEMMA3
 from rloop.adapters.gpt2 import GPT2
 from rloop.adapters.gpt_neox import GPT_NEOX
 from rloop.adapters.gptj import GPTJ
 from rloop.adapters.llama import LLAMA
-from rloop.architecture import text_config
 from rloop.errors import UnsupportedArchitectureError
 
 FAMILIES: tuple[Adapter, ...] = (LLAMA, GEMMA3, GPT_NEOX, GPT2, GPTJ)

@@ -189,3 +189,8 @@ def standard_points(
         "resid_pre": PointSpec("", "input"),
         "resid_post": PointSpec("", "output"),
     }
+
+
+def text_config(config: object) -> object:
+    """The text (language-model) config of a transformers config; itself if it has none."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

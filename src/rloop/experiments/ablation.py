@@ -2,7 +2,7 @@
 
 The sweep ablates every head (or KV group) of a layer range, one at a time, on a prompt set
 and reports per prompt x head the R_V with and without the head, using the exact batched
-engine in :mod:`rloop.head_sweep`. Per head: mean impact over prompts with a bootstrap CI,
+engine in :mod:`rloop.interventions.head_sweep`. Per head: mean impact over prompts with a bootstrap CI,
 a one-sample t-test against 0 with Benjamini-Hochberg adjustment over the computed heads, and
 a noise floor; heads at layers >= the late measurement layer are reported as exactly 0 and
 marked ``computed = False``.
@@ -18,11 +18,10 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from rloop.batching import encode
-from rloop.capture import Trace, address
+from rloop.capture.batching import encode
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError
-from rloop.head_sweep import head_sweep
-from rloop.interventions import (
+from rloop.interventions.edits import (
     ABLATION_MODES,
     HEAD_UNITS,
     check_heads,
@@ -31,9 +30,10 @@ from rloop.interventions import (
     keep_mask,
     mean_activations,
 )
+from rloop.interventions.engine import check_mode_for_point, resolve_layers
+from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
-from rloop.profiles import check_mode_for_point, resolve_layers
 from rloop.progress import progress_bar
 from rloop.prompts import PromptSet
 
@@ -267,7 +267,7 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
 
 
 def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     layers = sorted(summary["layer"].unique())
     n_units = int(summary["head"].max()) + 1
@@ -357,7 +357,7 @@ def ablated_r_v(
     pr_mode: str = "per-head",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(clean R_V, ablated R_V) per prompt, (P,) each, for a dict of Trace edits."""
-    from rloop.batching import gather_windows
+    from rloop.capture.batching import gather_windows
 
     batch = encode(lm.tokenizer, texts, lm.device)
     out = []

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rloop.batching import EncodedBatch, encode, gather_windows
-from rloop.capture import Trace, address
+from rloop.capture.batching import EncodedBatch, encode, gather_windows
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, RunStoreError
-from rloop.interventions import (
+from rloop.interventions.edits import (
     ABLATION_MODES,
     HEAD_UNITS,
     check_heads,
@@ -30,9 +30,9 @@ from rloop.interventions import (
     keep_mask,
     mean_activations,
 )
+from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import bootstrap_ci
-from rloop.profiles import check_mode_for_point, resolve_layers
 from rloop.prompts import PromptSet
 
 HeadList = list[tuple[int, int]]

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rloop.batching import encode, gather_windows, plan_batches, token_counts
-from rloop.capture import Trace, address
+from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError
 from rloop.experiments.ablation import layer_ablation_edits
 from rloop.experiments.causal import (
@@ -177,7 +177,7 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
 
 
 def _plot_layer_ablation(summary, path, config, early, late) -> None:
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for component, frame in summary.groupby("component"):
@@ -371,7 +371,7 @@ def _component_contrasts(results: pd.DataFrame, config: ComponentsConfig) -> pd.
 
 
 def _plot_components(table: pd.DataFrame, path) -> None:
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (group, frame) in enumerate(table.groupby("group")):

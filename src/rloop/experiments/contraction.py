@@ -19,9 +19,14 @@ import numpy as np
 import pandas as pd
 
 from rloop.errors import ConfigError, PromptError
+from rloop.interventions.engine import (
+    check_mode_for_point,
+    iter_windows,
+    resolve_layers,
+    window_pr_table,
+)
 from rloop.metrics import r_v
 from rloop.metrics.stats import contrast, describe_group
-from rloop.profiles import check_mode_for_point, iter_windows, resolve_layers, window_pr_table
 from rloop.progress import progress_bar
 
 EXPERIMENT = "contraction"
@@ -295,7 +300,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 def write_plots(result: ContractionResult, config: ContractionConfig, plot_path) -> list[Path]:
     """R_V by group, PR-by-layer profile per group, effect size by layer (PNG)."""
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     paths = [
         plotting.r_v_by_group(result.results, plot_path("r_v_by_group")),

@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rloop.architecture import ArchitectureFacts, facts_of_model
-from rloop.batching import encode, plan_batches
-from rloop.capture import Trace, address
+from rloop.capture.batching import encode, plan_batches
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, RloopError
 from rloop.metrics.stats import bootstrap_ci, correlation_with_ci
+from rloop.models.architecture import ArchitectureFacts, facts_of_model
 from rloop.progress import progress_bar
 
 EXPERIMENT = "gain"
@@ -268,7 +268,7 @@ def rho_gain_correlations(models: pd.DataFrame, n_boot: int, seed: int) -> pd.Da
 def plot_h25(models: pd.DataFrame, curves: pd.DataFrame, path: Path, threshold: float) -> Path:
     """Seed 002's three panels: rho vs gain (CI error bars), gain by model (sorted by rho),
     per-layer gain curves (final norm drawn as a separate cross)."""
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     plt = plotting.plt
     frame = models.sort_values("rho", ignore_index=True)

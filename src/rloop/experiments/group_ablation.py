@@ -232,7 +232,7 @@ def _summary_table(results: pd.DataFrame, random_table: pd.DataFrame, config) ->
 
 
 def _plot(results, random_table, path, config, n_heads) -> None:
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if not random_table.empty:

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rloop.batching import encode, gather_windows, plan_batches, token_counts
-from rloop.capture import Trace, address
+from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, UnsupportedArchitectureError
 from rloop.experiments.causal import (
     CausalSettings,
@@ -286,7 +286,7 @@ def _head_table(results: pd.DataFrame, config) -> pd.DataFrame:
 
 
 def _plots(heads, plot_path, config, layers, n_heads) -> None:
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     def grid(column):
         matrix = np.full((len(layers), n_heads), np.nan)

@@ -1,7 +1,7 @@
 """KV-cache patching experiments (seed 003): layer-range transfer and causal loop closure.
 
 Pairs: the i-th baseline prompt (target) with the i-th recursive prompt (source), by prompt id.
-Every condition of every pair is a row of one batched generation (:mod:`rloop.kv_cache`,
+Every condition of every pair is a row of one batched generation (:mod:`rloop.interventions.kv_cache`,
 whose docstring states the alignment policy for prompts of different lengths):
 
 * ``natural_target`` / ``natural_source``: unpatched generation of each prompt alone.
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rloop.capture import address
+from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
+from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
-from rloop.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
-from rloop.kv_cache import PatchRow, check_alpha, check_layer_range, patched_generate
+from rloop.interventions.kv_cache import PatchRow, check_alpha, check_layer_range, patched_generate
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import correlation_with_ci, noise_floor, transfer_percent
 
@@ -281,7 +281,7 @@ def dose_response_table(grid: pd.DataFrame, range_label: str, n_boot: int = 2000
 
 def plot_dose_response(grid: pd.DataFrame, range_label: str, path) -> object:
     """Mean R_V (generated) and behaviour score against alpha, natural levels as lines."""
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     rows = grid[(grid["kind"] == "kv") & (grid["range_label"] == range_label)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -301,7 +301,7 @@ def plot_dose_response(grid: pd.DataFrame, range_label: str, path) -> object:
 
 def plot_transfer(transfer: pd.DataFrame, path) -> object:
     """Transfer % per condition, R_V and behaviour side by side (undefined ones omitted)."""
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     frame = transfer[~transfer["kind"].isin([NATURAL_TARGET, NATURAL_SOURCE])]
     conditions = list(dict.fromkeys(frame["condition"]))
@@ -380,8 +380,8 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
     """Full pipeline with a run record; every check happens before anything is written."""
     from rloop.experiments.contraction import _markdown_table
     from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
-    from rloop.kv_cache import DEFAULT_ALPHAS, default_patch_layers
-    from rloop.profiles import check_mode_for_point, resolve_layers
+    from rloop.interventions.engine import check_mode_for_point, resolve_layers
+    from rloop.interventions.kv_cache import DEFAULT_ALPHAS, default_patch_layers
     from rloop.prompts import check_window
 
     sampling = config.sampling()
@@ -465,7 +465,7 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
             f"({config.baseline_group} target <- {config.recursive_group} source)",
             f"- ranges: {', '.join(ranges)}; alphas: {alphas}; sampling: {sampling.to_dict()}",
             "- alignment: memories right-aligned on their last token, target mask "
-            "(see rloop.kv_cache)",
+            "(see rloop.interventions.kv_cache)",
             "",
             "## Transfer",
             "",

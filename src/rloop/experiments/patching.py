@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 
 from rloop.adapters import HEAD_POINTS
-from rloop.batching import encode, gather_windows
-from rloop.capture import EditFn, Trace, address
+from rloop.capture.batching import encode, gather_windows
+from rloop.capture.trace import EditFn, Trace, address
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.causal import (
     CausalSettings,
@@ -51,7 +51,7 @@ from rloop.experiments.causal import (
     prepare,
     record_inputs,
 )
-from rloop.interventions import PatchSpec
+from rloop.interventions.edits import PatchSpec
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import bootstrap_ci, transfer_percent
 from rloop.progress import progress_bar
@@ -441,7 +441,7 @@ def describe(specs: list[PatchSpec]) -> str:
 
 
 def _plot(results, path, specs) -> None:
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(results))

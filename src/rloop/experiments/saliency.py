@@ -4,12 +4,12 @@ Saliency: ||dR_V / dz[l, h]|| (the per-head attention result, over the prompt's 
 for every head at every layer, layer 0 included, per prompt; R_V through the differentiable
 participation ratio in float64 on the same windows as the exact measurement. Heads at layers
 >= the late layer cannot change V there: exactly 0 (not computed). Engine:
-:func:`rloop.attribution.head_gradients`.
+:func:`rloop.interventions.gradients.head_gradients`.
 
 Attribution patching: the linear estimate of each head's ablation effect on R_V,
 sum(dR_V/dz * (z_ablated - z)), for every head from the same forward and backward, and its
 Spearman rank correlation (bootstrap CI over heads) with the exact sweep's mean impact --
-either computed on the same prompts in the same command (:func:`rloop.head_sweep.head_sweep`)
+either computed on the same prompts in the same command (:func:`rloop.interventions.head_sweep.head_sweep`)
 or read from a finished ``rloop ablate`` run on the same prompts.
 """
 
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rloop.attribution import head_gradients
-from rloop.batching import encode
+from rloop.capture.batching import encode
 from rloop.errors import ConfigError
 from rloop.experiments.causal import (
     CausalSettings,
@@ -35,6 +34,7 @@ from rloop.experiments.causal import (
     record_inputs,
     reference_means,
 )
+from rloop.interventions.gradients import head_gradients
 from rloop.metrics.stats import correlation_with_ci
 from rloop.progress import progress_bar
 
@@ -145,7 +145,7 @@ def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None)
 
 
 def _heatmap(heads, column, layers, n_heads, path, title, center=False) -> None:
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     grid = np.full((len(layers), n_heads), np.nan)
     for row in heads.itertuples():
@@ -197,7 +197,7 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
     """``rloop attribution``: returns (run_dir, already_complete, headline)."""
     from rloop.experiments.ablation import sweep_table
     from rloop.experiments.runner import execute
-    from rloop.head_sweep import head_sweep
+    from rloop.interventions.head_sweep import head_sweep
 
     check_ablation_mode(config.mode)
     sweep = None
@@ -383,7 +383,7 @@ def _check_sweep_matches(sweep, config: AttributionConfig, prepared, layers) -> 
 
 
 def _scatter(computed, path, corr, config) -> None:
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(computed["exact_mean"], computed["attribution_mean"], s=10, alpha=0.7)

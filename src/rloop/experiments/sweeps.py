@@ -4,7 +4,7 @@ Seed 000 cells 10, 11 (checkpoints) and 14 (scaling). Every (model, revision, ex
 an independent :class:`SweepJob` that loads its model, runs one experiment into its own
 child run directory ``<sweep run>/jobs/<key>/`` (a complete contraction or gain run), frees
 the model and optionally evicts the checkpoint's files. Jobs run in this process or on Ray
-(:mod:`rloop.executors`). The sweep run saves one partial per finished job, so an
+(:mod:`rloop.experiments.executors`). The sweep run saves one partial per finished job, so an
 interrupted sweep resumes with the unfinished jobs; a failing job is recorded with its error
 and the others go on. Job writes are idempotent: a job whose child run is complete (a Ray
 retry, a resumed sweep) returns the recorded result without loading the model.
@@ -175,7 +175,7 @@ def evict_checkpoint(path: str | Path, mode: str) -> list[str]:
 
 def run_job(job: SweepJob, loader: Callable | None = None) -> JobResult:
     """Run one sweep job (in this process or a Ray worker); never raises for job failures."""
-    from rloop.architecture import count_parameters
+    from rloop.models.architecture import count_parameters
     from rloop.runs.store import atomic_write_text
 
     recorded = _read_job_file(job)
@@ -334,7 +334,7 @@ def checkpoint_jobs(config: CheckpointConfig, sweep_dir: Path) -> list[SweepJob]
 def _validate_settings(settings: ContractionSettings) -> None:
     from rloop.experiments.contraction import ContractionConfig, validate_config
     from rloop.experiments.runner import load_prompt_set
-    from rloop.profiles import check_mode_for_point
+    from rloop.interventions.engine import check_mode_for_point
 
     validate_config(ContractionConfig(**_contraction_config(settings, "-", None)))
     check_mode_for_point(settings.point, settings.pr_modes)
@@ -365,7 +365,7 @@ def _run_sweep(
 ) -> SweepOutcome:
     import functools
 
-    from rloop.executors import LocalExecutor
+    from rloop.experiments.executors import LocalExecutor
     from rloop.runs import Run, default_run_dir, runs_root
 
     _validate_settings(settings)
@@ -467,7 +467,7 @@ def scaling_table(status: pd.DataFrame, contrasts: pd.DataFrame) -> pd.DataFrame
 
 def plot_scaling(table: pd.DataFrame, path: Path) -> Path:
     """R_V (recursive, baseline) and contraction % vs parameter count (log x), per PR mode."""
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     plt = plotting.plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -580,7 +580,7 @@ def checkpoint_table(contrasts: pd.DataFrame) -> pd.DataFrame:
 
 def plot_checkpoints(table: pd.DataFrame, groups: pd.DataFrame, path: Path) -> Path:
     """Mean R_V per group and the gap vs training step (symlog x: step 0 is drawn)."""
-    from rloop import plotting
+    from rloop.runs import plots as plotting
 
     plt = plotting.plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from rloop.capture import address
+from rloop.capture.generation import SamplingConfig, generate, pad_id_of, tokenize_rows
+from rloop.capture.trace import address
 from rloop.errors import ConfigError
-from rloop.generation import SamplingConfig, generate, pad_id_of, tokenize_rows
 from rloop.metrics import r_v, window_pr
 
 EXPERIMENT = "temporal"
@@ -97,7 +97,7 @@ def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: i
 
 
 def plot_curves(curves: pd.DataFrame, path):
-    from rloop.plotting import _save, plt
+    from rloop.runs.plots import _save, plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, scope in zip(axes, (SCOPE_ALL, SCOPE_GENERATED), strict=True):
@@ -116,7 +116,7 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
     """Full pipeline with a run record; checks happen before anything is written."""
     from rloop.experiments.contraction import _markdown_table
     from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
-    from rloop.profiles import check_mode_for_point, resolve_layers
+    from rloop.interventions.engine import check_mode_for_point, resolve_layers
     from rloop.prompts import check_window
 
     config.sampling()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rloop.capture.generation import SamplingConfig
 from rloop.errors import ConfigError
 from rloop.experiments.kv_patching import (
     NATURAL_SOURCE,
@@ -38,8 +39,12 @@ from rloop.experiments.kv_patching import (
     run_grid,
     transfer_table,
 )
-from rloop.generation import SamplingConfig
-from rloop.kv_cache import check_alpha, check_layer_range, default_patch_layers, scale_layer_range
+from rloop.interventions.kv_cache import (
+    check_alpha,
+    check_layer_range,
+    default_patch_layers,
+    scale_layer_range,
+)
 
 EXPERIMENT = "validate"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "validate_default.toml"
@@ -268,7 +273,7 @@ class ValidateResult:
 def run_phases(lm, prompt_set, config: ValidateConfig) -> ValidateResult:
     """All four phases on a loaded model (no run directory)."""
     from rloop.experiments.contraction import ContractionConfig, measure_contraction
-    from rloop.profiles import resolve_layers
+    from rloop.interventions.engine import resolve_layers
 
     timings = {}
     started = time.perf_counter()
@@ -510,7 +515,7 @@ def run_validate(
 ) -> tuple[Path, bool, dict]:
     """The full 4-phase run with a run record; all checks happen before anything is written."""
     from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
-    from rloop.profiles import resolve_layers
+    from rloop.interventions.engine import resolve_layers
     from rloop.prompts import check_window
 
     check_validate_config(config)
@@ -543,7 +548,7 @@ def run_validate(
         run.write_table("correlations", result.correlations)
         run.write_table("dose_response", result.dose_response)
         run.write_table("verdicts", result.verdicts)
-        from rloop import plotting
+        from rloop.runs import plots as plotting
 
         plotting.r_v_by_group(result.contraction.results, run.plot_path("phase1_r_v_by_group"))
         plot_transfer(result.transfer, run.plot_path("transfer"))

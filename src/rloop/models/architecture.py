@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from rloop.adapters.base import text_config
 from rloop.errors import UnsupportedArchitectureError
 
 #: Families whose attention has no rotary embedding (learned absolute positions).
@@ -61,11 +62,6 @@ def _rotary_fraction(config: object, model_type: str, d_head: int) -> float:
         if value is not None:
             return float(value)
     return 1.0
-
-
-def text_config(config: object) -> object:
-    """The text (language-model) config of a transformers config; itself if it has none."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def architecture_facts(config: object, n_params: int | None = None) -> ArchitectureFacts:

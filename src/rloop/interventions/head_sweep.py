@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.architecture import text_config
-from rloop.batching import EncodedBatch, gather_windows, take_windows, window_positions
-from rloop.capture import LastTokenLogits, Trace, address
-from rloop.interventions import head_ablation_edit, keep_mask, query_heads_of
+from rloop.adapters.base import text_config
+from rloop.capture.batching import EncodedBatch, gather_windows, take_windows, window_positions
+from rloop.capture.trace import LastTokenLogits, Trace, address
+from rloop.interventions.edits import head_ablation_edit, keep_mask, query_heads_of
+from rloop.interventions.engine import check_mode_for_point
 from rloop.metrics import kl_divergence, window_pr
-from rloop.profiles import check_mode_for_point
 
 
 @contextmanager

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from rloop.adapters import Adapter
-from rloop.batching import encode
-from rloop.capture import EditFn, Trace, address
+from rloop.capture.batching import encode
+from rloop.capture.trace import EditFn, Trace, address
 from rloop.errors import ConfigError
 
 ABLATION_MODES = ("zero", "mean")

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 
 from rloop.adapters import HEAD_POINTS, Adapter
-from rloop.batching import encode, gather_windows, plan_batches, token_counts
-from rloop.capture import Trace, address
+from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
+from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, PromptError
 from rloop.metrics import PR_MODES, participation_ratio_with_reason, window_pr_with_reason
 

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from rloop.adapters.base import Adapter
-from rloop.architecture import text_config
+from rloop.adapters.base import Adapter, text_config
 from rloop.errors import ConfigError
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]

@@ -3,7 +3,7 @@
 Alignment policy (the same in every layer, for every architecture)
 --------------------------------------------------------------------
 A prompt of ``n`` tokens is its *memory* (first ``n - 1`` tokens, held in the KV cache) plus
-its *last token*, the first input of decoding (see :mod:`rloop.generation`). Patching acts on
+its *last token*, the first input of decoding (see :mod:`rloop.capture.generation`). Patching acts on
 memories only; the target's own last token then reads the patched memory and chooses the first
 generated token, so the patch can change every generated token.
 
@@ -43,9 +43,7 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.capture import address
-from rloop.errors import ConfigError, UnsupportedArchitectureError
-from rloop.generation import (
+from rloop.capture.generation import (
     GenerationResult,
     PromptLayout,
     SamplingConfig,
@@ -53,6 +51,8 @@ from rloop.generation import (
     layout_prompts,
     prefill_memory,
 )
+from rloop.capture.trace import address
+from rloop.errors import ConfigError, UnsupportedArchitectureError
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 SEED_N_LAYERS = 32  # Mistral-7B, the model of seed 003's layer ranges

@@ -181,10 +181,12 @@ def models_fetch(name: str = typer.Argument(..., help="Registry name, e.g. gemma
 
 
 def _mount_optional_apps() -> None:
-    from rloop.cli_runs import runs_app
+    from rloop.cli.runs import runs_app
 
     app.add_typer(runs_app, name="runs", help="List, show and compare runs in the run store.")
-    from rloop import cli_causal, cli_generation, cli_sweeps
+    from rloop.cli import causal as cli_causal
+    from rloop.cli import generation as cli_generation
+    from rloop.cli import sweeps as cli_sweeps
 
     cli_causal.register(app)
     cli_sweeps.register(app)

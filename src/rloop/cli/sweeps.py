@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
         from rloop.cli import run_guarded
 
         def go():
-            from rloop.executors import make_executor
+            from rloop.experiments.executors import make_executor
             from rloop.experiments.sweeps import ScalingConfig, run_scaling
 
             settings = _settings(
@@ -191,7 +191,7 @@ def register(app: typer.Typer) -> None:
         from rloop.cli import run_guarded
 
         def go():
-            from rloop.executors import make_executor
+            from rloop.experiments.executors import make_executor
             from rloop.experiments.sweeps import CheckpointConfig, run_checkpoints
 
             settings = _settings(

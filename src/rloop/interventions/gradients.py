@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.batching import EncodedBatch, gather_windows
-from rloop.capture import Trace, address
+from rloop.capture.batching import EncodedBatch, gather_windows
+from rloop.capture.trace import Trace, address
 from rloop.metrics import differentiable_participation_ratio
 
 

@@ -8,7 +8,7 @@ Layout of a batch (left padding). Each prompt of ``n`` tokens is split into its 
 first ``n - 1`` tokens, encoded in one prefill forward that fills the KV cache) and its *last
 token*, which is the first input of the decoding loop; the logits of that step choose the first
 generated token. Generation therefore always reads the prompt through the cache, which is what
-lets :mod:`rloop.kv_cache` substitute or mix the memory before any token is chosen. Memories
+lets :mod:`rloop.interventions.kv_cache` substitute or mix the memory before any token is chosen. Memories
 are right-aligned (left-padded) in a (B, M) buffer with ``attention_mask`` 0 on padding; a row's
 memory occupies positions ``frame - m .. frame - 1`` where ``frame >= m`` is the row's frame
 length (``frame = m`` for plain generation, so positions are the usual ``0 .. n - 1``); its last
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.capture import Trace, parse_address
+from rloop.capture.trace import Trace, parse_address
 from rloop.errors import ConfigError, PromptError, UnsupportedArchitectureError
 from rloop.metrics import last_real_window, r_v, window_pr
 
@@ -406,7 +406,7 @@ def generate_texts(
     point: str = "v",
 ) -> GenerationResult:
     """Generate from prompt texts with a loaded model, capturing ``point`` at ``layers``."""
-    from rloop.capture import address
+    from rloop.capture.trace import address
 
     rows = tokenize_rows(lm.tokenizer, texts)
     return generate(
