@@ -12,7 +12,7 @@ import torch
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
-from rloop.experiments.ablation import (
+from rloop.experiments.ablate import (
     AblationConfig,
     ablated_r_v,
     group_ablation_edits,

@@ -14,28 +14,19 @@ import torch
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.ablation import AblationConfig, run_head_sweep
-from rloop.experiments.causal import parse_heads, stacked_head_ablation_r_v
-from rloop.experiments.components import (
-    ComponentsConfig,
-    LayerAblationConfig,
-    component_pr,
-    run_components,
-    run_layer_ablation,
-)
-from rloop.experiments.group_ablation import (
+from rloop.experiments.ablate import AblationConfig, run_head_sweep
+from rloop.experiments.ablate_group import (
     GroupAblationConfig,
     random_head_sets,
     run_group_ablation,
 )
-from rloop.experiments.head_diagnostics import measure_heads
-from rloop.experiments.patching import PatchConfig, circularity, patched_r_v, run_patching
-from rloop.experiments.saliency import (
-    AttributionConfig,
-    SaliencyConfig,
-    run_attribution,
-    run_saliency,
-)
+from rloop.experiments.ablate_layer import LayerAblationConfig, run_layer_ablation
+from rloop.experiments.attn_vs_mlp import ComponentsConfig, component_pr, run_components
+from rloop.experiments.attribution import AttributionConfig, run_attribution
+from rloop.experiments.causal import parse_heads, stacked_head_ablation_r_v
+from rloop.experiments.heads import measure_heads
+from rloop.experiments.patch import PatchConfig, circularity, patched_r_v, run_patching
+from rloop.experiments.saliency import SaliencyConfig, run_saliency
 from rloop.interventions.edits import PatchSpec
 from tests.tiny_models import tiny_lm
 
@@ -591,7 +582,7 @@ def test_patching_run_reports_circularity_instead_of_transfer(tmp_path, monkeypa
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
 def test_batched_patching_equals_one_pair_at_a_time(family: str) -> None:
-    from rloop.experiments.patching import patched_r_v_batch
+    from rloop.experiments.patch import patched_r_v_batch
 
     lm = tiny_lm(family)
     pairs = [

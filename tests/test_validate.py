@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from rloop.capture.trace import Trace
 from rloop.errors import ConfigError
-from rloop.experiments.kv_patching import KVPatchConfig, run_kv_patching
+from rloop.experiments.kv_patch import KVPatchConfig, run_kv_patching
 from rloop.experiments.temporal import TemporalConfig, run_temporal
 from rloop.experiments.validate import (
     FAIL,

@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
 
           rloop ablate --layers 20-29 --kl               # + last-token KL per head
         """
-        from rloop.experiments.ablation import AblationConfig, run_head_sweep
+        from rloop.experiments.ablate import AblationConfig, run_head_sweep
 
         def go():
             config = AblationConfig(
@@ -208,7 +208,7 @@ def register(app: typer.Typer) -> None:
           rloop ablate-group --from-sweep rloop-runs/ablate-smollm2-135m-ab12cd --top-k 10 \\
               --select negative --n-random 50
         """
-        from rloop.experiments.group_ablation import GroupAblationConfig, run_group_ablation
+        from rloop.experiments.ablate_group import GroupAblationConfig, run_group_ablation
 
         def go():
             config = GroupAblationConfig(
@@ -268,7 +268,7 @@ def register(app: typer.Typer) -> None:
 
           rloop ablate-layer --layers 0-25 --component both --mode mean
         """
-        from rloop.experiments.components import LayerAblationConfig, run_layer_ablation
+        from rloop.experiments.ablate_layer import LayerAblationConfig, run_layer_ablation
 
         def go():
             components = ["attn", "mlp"] if component == "both" else [component]
@@ -323,7 +323,7 @@ def register(app: typer.Typer) -> None:
 
           rloop attn-vs-mlp --layers 15,18,21,24,27,30 --groups L5,factual
         """
-        from rloop.experiments.components import ComponentsConfig, run_components
+        from rloop.experiments.attn_vs_mlp import ComponentsConfig, run_components
 
         def go():
             common = _common(
@@ -380,7 +380,7 @@ def register(app: typer.Typer) -> None:
 
           rloop heads --groups L5,factual --max-prompts 20
         """
-        from rloop.experiments.head_diagnostics import HeadDiagnosticsConfig, run_head_diagnostics
+        from rloop.experiments.heads import HeadDiagnosticsConfig, run_head_diagnostics
 
         def go():
             common = _common(
@@ -503,7 +503,7 @@ def register(app: typer.Typer) -> None:
 
           rloop patch --layers 10-12 --point mlp_out --source-group L5 --target-group factual
         """
-        from rloop.experiments.patching import PatchConfig, run_patching
+        from rloop.experiments.patch import PatchConfig, run_patching
 
         def go():
             config = PatchConfig(
@@ -570,7 +570,7 @@ def register(app: typer.Typer) -> None:
 
           rloop attribution --from-sweep rloop-runs/ablate-smollm2-135m-ab12cd
         """
-        from rloop.experiments.saliency import AttributionConfig, run_attribution
+        from rloop.experiments.attribution import AttributionConfig, run_attribution
 
         def go():
             config = AttributionConfig(

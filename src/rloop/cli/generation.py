@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
           rloop kv-patch --ranges '15-29;23-27;25' --alphas 1   # seed 003's range table
         """
         from rloop.cli import _print_outcome, parse_int_list, run_guarded
-        from rloop.experiments.kv_patching import KVPatchConfig, run_kv_patching
+        from rloop.experiments.kv_patch import KVPatchConfig, run_kv_patching
 
         def go():
             settings = KVPatchConfig(

@@ -8,7 +8,7 @@
 4. Alpha dose-response on the full range, and R_V (generated) vs behaviour correlations.
 
 Phases 2-4 share one batched generation of every (pair, condition) row
-(:func:`rloop.experiments.kv_patching.run_grid`). Each phase's verdict (PASS / FAIL /
+(:func:`rloop.experiments.kv_patch.run_grid`). Each phase's verdict (PASS / FAIL /
 INCONCLUSIVE) is computed from the data against thresholds in the config
 (``rloop/configs/validate_default.toml``); INCONCLUSIVE means a quantity it needs is undefined
 (e.g. transfer % with a natural gap within noise, SCIENCE.md §6).
@@ -26,7 +26,7 @@ import pandas as pd
 
 from rloop.capture.generation import SamplingConfig
 from rloop.errors import ConfigError
-from rloop.experiments.kv_patching import (
+from rloop.experiments.kv_patch import (
     NATURAL_SOURCE,
     NATURAL_TARGET,
     V_PATCH,

@@ -40,7 +40,7 @@ from rloop.metrics import participation_ratio
 from rloop.metrics.stats import benjamini_hochberg, effect_size_ci, welch_t
 from rloop.progress import progress_bar
 
-EXPERIMENT = "head-diagnostics"
+EXPERIMENT = "heads"
 QUANTITIES = ("output_norm", "pr_v", "pr_z", "self_score", "entropy")
 
 

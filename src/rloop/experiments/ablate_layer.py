@@ -1,0 +1,215 @@
+"""Layer ablation (``rloop ablate-layer``, seed 000 cell 4).
+
+It removes a layer's attention-block output (``attn_out``) or MLP output
+(``mlp_out``) for every token -- zero, or the mean over a named reference set -- and reports
+R_V clean vs ablated per prompt. Components at layers >= the late layer cannot change V at the
+late layer (V is computed from the block's input): they are reported as exactly 0 change and
+not computed.
+
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rloop.capture.batching import gather_windows
+from rloop.capture.trace import Trace, address
+from rloop.errors import ConfigError
+from rloop.experiments.ablate import layer_ablation_edits
+from rloop.experiments.causal import (
+    CausalSettings,
+    check_ablation_mode,
+    encode_prompts,
+    load_reference,
+    markdown_table,
+    model_line,
+    paired_change,
+    prepare,
+    record_inputs,
+    reference_means,
+)
+from rloop.metrics import r_v, window_pr
+from rloop.progress import progress_bar
+
+EXPERIMENT = "ablate-layer"
+COMPONENT_POINTS = {"attn": "attn_out", "mlp": "mlp_out"}
+
+
+# ---------------------------------------------------------------------------- layer ablation
+@dataclass
+class LayerAblationConfig(CausalSettings):
+    layers: list[int] | None = None  # layers to ablate, one at a time
+    components: list[str] = field(default_factory=lambda: ["attn"])  # attn and/or mlp
+    mode: str = "zero"
+    reference_group: str = "factual"
+
+
+def check_components(components: list[str]) -> list[str]:
+    bad = [c for c in components if c not in COMPONENT_POINTS]
+    if bad or not components:
+        raise ConfigError(f"unknown component {bad[0] if bad else ''!r}: choose attn, mlp or both")
+    return list(dict.fromkeys(components))
+
+
+def layer_ablation_r_v(
+    lm, batch, layer: int, point: str, early: int, late: int, window: int, pr_mode: str, mean=None
+) -> np.ndarray:
+    """R_V per prompt (P,) with ``point`` (attn_out | mlp_out) at ``layer`` ablated."""
+    edits = layer_ablation_edits(layer, point, mean)
+    v_early, v_late = address(early, "v"), address(late, "v")
+    with (
+        torch.no_grad(),
+        Trace(
+            lm.model, lm.adapter, capture=[v_early, v_late], edits=edits, stop_after_point=v_late
+        ) as tr,
+    ):
+        lm.model(**batch.model_inputs(), use_cache=False)
+    pe = window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode)  # (P,)
+    pl = window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode)  # (P,)
+    return r_v(pl, pe).cpu().numpy()
+
+
+def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = False, lm=None):
+    """``rloop ablate-layer``: returns (run_dir, already_complete, headline)."""
+    from rloop.experiments.causal import clean_r_v
+    from rloop.experiments.runner import execute
+
+    check_ablation_mode(config.mode)
+    components = check_components(config.components)
+    if not config.layers:
+        raise ConfigError("give the layers to ablate, e.g. --layers 19 or --layers 10-20")
+    prepared = prepare(config, ["L5"], lm)
+    lm = prepared.lm
+    for layer in config.layers:
+        lm.adapter.check_layer(layer)
+    layers = sorted(set(config.layers))
+    reference = (
+        load_reference(config, config.reference_group, lm) if config.mode == "mean" else None
+    )
+    early, late = prepared.early, prepared.late
+
+    def body(run) -> dict:
+        record_inputs(
+            run,
+            prepared,
+            mean_reference=None
+            if reference is None
+            else {"group": config.reference_group, "n": len(reference)},
+        )
+        started = time.perf_counter()
+        batch = encode_prompts(lm, prepared.prompts)
+        _, _, clean = clean_r_v(lm, batch, early, late, config.window, config.pr_mode)
+        prompts = list(prepared.prompts)
+        rows, summary_rows = [], []
+        todo = [(layer, c) for layer in layers for c in components]
+        with progress_bar("ablating layers", total=len(todo)) as advance:
+            for layer, component in todo:
+                point = COMPONENT_POINTS[component]
+                computed = layer < late
+                if computed:
+                    means = reference_means(lm, reference, [layer], point)
+                    mean = None if means is None else means[layer]
+                    ablated = layer_ablation_r_v(
+                        lm, batch, layer, point, early, late, config.window, config.pr_mode, mean
+                    )
+                else:  # causality: V at the late layer is computed before this component
+                    ablated = clean.copy()
+                for p, prompt in enumerate(prompts):
+                    rows.append(
+                        {
+                            "prompt_id": prompt.id,
+                            "group": prompt.group,
+                            "layer": layer,
+                            "component": component,
+                            "mode": config.mode,
+                            "r_v_clean": clean[p],
+                            "r_v_ablated": ablated[p],
+                            "change": ablated[p] - clean[p],
+                            "computed": computed,
+                        }
+                    )
+                summary_rows.append(
+                    {
+                        "layer": layer,
+                        "component": component,
+                        "mode": config.mode,
+                        **paired_change(clean, ablated, config.n_boot, config.seed),
+                        "computed": computed,
+                    }
+                )
+                advance(1)
+        seconds = time.perf_counter() - started
+        results = pd.DataFrame(rows)
+        results["layer_early"], results["layer_late"] = early, late
+        summary = pd.DataFrame(summary_rows)
+        run.write_table("results", results)
+        run.write_table("summary", summary)
+        _plot_layer_ablation(summary, run.plot_path("layer_ablation"), config, early, late)
+        run.write_summary(_layer_markdown(summary, config, prepared, seconds))
+        run.update_manifest(timings={"ablation_s": seconds})
+        computed = summary[summary["computed"]]
+        biggest = (
+            computed.iloc[int(np.nanargmax(computed["mean_change"].abs().to_numpy()))]
+            if len(computed) and computed["mean_change"].notna().any()
+            else None
+        )
+        return {
+            "r_v_clean": float(np.nanmean(clean)),
+            "largest_change": None if biggest is None else float(biggest["mean_change"]),
+            "largest_at": None
+            if biggest is None
+            else f"L{int(biggest['layer'])} {biggest['component']}",
+        }
+
+    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def _plot_layer_ablation(summary, path, config, early, late) -> None:
+    from rloop.runs.plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for component, frame in summary.groupby("component"):
+        ax.errorbar(
+            frame["layer"],
+            frame["mean_change"],
+            yerr=[frame["mean_change"] - frame["ci_low"], frame["ci_high"] - frame["mean_change"]],
+            marker="o",
+            capsize=3,
+            label=component,
+        )
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("ablated layer")
+    ax.set_ylabel("mean R_V change (ablated - clean)")
+    ax.set_title(f"{config.mode}-ablating whole components (R_V L{late}/L{early})")
+    ax.legend()
+    _save(fig, path)
+
+
+def _layer_markdown(summary, config, prepared, seconds) -> str:
+    lines = [
+        "# Layer ablation",
+        "",
+        f"- model: {model_line(prepared.lm)}",
+        f"- {config.mode} ablation of the whole attention-block output (attn) / MLP output (mlp) "
+        "at every token"
+        + (
+            f"; mean over reference group {config.reference_group}" if config.mode == "mean" else ""
+        ),
+        f"- R_V = PR(L{prepared.late}) / PR(L{prepared.early}) ({prepared.rule}), "
+        f"{config.pr_mode} PR, window {config.window}",
+        f"- components at layers >= {prepared.late} cannot change V at layer {prepared.late}: "
+        "change exactly 0, not computed",
+        f"- time: {seconds:.1f} s",
+        "",
+        markdown_table(summary),
+        "",
+        "Files: `results.*` (per prompt x layer x component), `summary.*`, "
+        "`plots/layer_ablation.png`.",
+    ]
+    return "\n".join(lines) + "\n"
