@@ -1,7 +1,8 @@
 """Prompt bank (versioned data in ``data/``) and user prompt files.
 
->>> from rloop.prompts import load_bank, DEFAULT_CONTRAST
+>>> from rloop.prompts import DEFAULT_CONTRAST, DEFAULT_PAIRED_CONTRAST, load_bank
 >>> bank = load_bank("v1").select(DEFAULT_CONTRAST)
+>>> pairs = load_bank("v2").pairs(*DEFAULT_PAIRED_CONTRAST)  # [(L5 prompt, its twin), ...]
 """
 
 from rloop.prompts.bank import (
@@ -9,9 +10,13 @@ from rloop.prompts.bank import (
     CONTROL_GROUPS,
     DEFAULT_BANK_VERSION,
     DEFAULT_CONTRAST,
+    DEFAULT_PAIRED_CONTRAST,
     GROUP_FAMILY,
+    MAX_LEVEL,
     PROMPT_FILE_SUFFIXES,
+    PROMPT_STYLES,
     RECURSIVE_GROUPS,
+    TWIN_GROUPS,
     Prompt,
     PromptSet,
     bank_versions,
@@ -27,9 +32,13 @@ __all__ = [
     "CONTROL_GROUPS",
     "DEFAULT_BANK_VERSION",
     "DEFAULT_CONTRAST",
+    "DEFAULT_PAIRED_CONTRAST",
     "GROUP_FAMILY",
+    "MAX_LEVEL",
     "PROMPT_FILE_SUFFIXES",
+    "PROMPT_STYLES",
     "RECURSIVE_GROUPS",
+    "TWIN_GROUPS",
     "Prompt",
     "PromptSet",
     "bank_versions",

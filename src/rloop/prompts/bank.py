@@ -1,8 +1,13 @@
 """Prompt sets: the shipped, versioned prompt bank and user prompt files.
 
-A prompt set is a list of :class:`Prompt` (id, group, family, text) plus where it came from
-(``source``), the bank version (``None`` for user files) and the sha256 of the file bytes, which
-every run records in its manifest.
+A prompt set is a list of :class:`Prompt` (id, group, family, text, and the optional
+pair_id / style / level of a minimal-pair bank) plus where it came from (``source``), the bank
+version (``None`` for user files) and the sha256 of the file bytes, which every run records in
+its manifest.
+
+Minimal pairs (bank v2 and later): every recursive prompt has a structural twin, a prompt of
+the same style, sentence count and token length about an external process, in group
+``<group>_twin`` (``L5`` -> ``L5_twin``); the two carry the same ``pair_id``. :meth:`PromptSet.pairs` links them for a paired contrast.
 
 Token counts are the number of tokens the model actually sees: ``tokenizer(text)`` with the
 tokenizer's default special tokens. SmolLM2's tokenizer adds none (no BOS/EOS), so for the
@@ -31,7 +36,12 @@ from rloop.errors import ConfigError, PromptError
 RECURSIVE_GROUPS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 BASELINE_GROUPS: tuple[str, ...] = ("factual", "syntactic", "cliche", "novel", "nonsense")
 CONTROL_GROUPS: tuple[str, ...] = ("long_nonrecursive", "pseudo_recursive", "repetitive")
+TWIN_GROUPS: tuple[str, ...] = tuple(f"{group}_twin" for group in RECURSIVE_GROUPS)
+# Styles of the recursive prompts and their twins (baseline lines of bank v2 use their own).
+PROMPT_STYLES: tuple[str, ...] = ("loop", "declarative", "instruction")
+MAX_LEVEL = len(RECURSIVE_GROUPS)
 DEFAULT_CONTRAST: tuple[str, str] = ("L5", "factual")
+DEFAULT_PAIRED_CONTRAST: tuple[str, str] = ("L5", "L5_twin")
 DEFAULT_BANK_VERSION = "v1"
 
 USER_GROUP = "user"
@@ -40,7 +50,9 @@ GROUP_FAMILY: dict[str, str] = {
     **dict.fromkeys(RECURSIVE_GROUPS, "recursive"),
     **dict.fromkeys(BASELINE_GROUPS, "baseline"),
     **dict.fromkeys(CONTROL_GROUPS, "control"),
+    **dict.fromkeys(TWIN_GROUPS, "twin"),
 }
+_OPTIONAL_KEYS = ("id", "group", "family", "pair_id", "style", "level")
 PROMPT_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 _BANK_FILE = re.compile(r"^bank_(v\d+)\.jsonl$")
 _MAX_IDS_LISTED = 20
@@ -48,12 +60,21 @@ _MAX_IDS_LISTED = 20
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt. ``family`` is recursive / baseline / control for bank groups, else user."""
+    """One prompt. ``family`` is recursive / baseline / control / twin for bank groups, else
+    user.
+
+    pair_id: the id shared by a recursive prompt and its structural twin (``None`` outside
+    minimal pairs). style: how the prompt is written (bank v2: loop / declarative /
+    instruction). level: the recursion level 1..5 of a recursive prompt, and of its twin.
+    """
 
     id: str
     group: str
     family: str
     text: str
+    pair_id: str | None = None
+    style: str | None = None
+    level: int | None = None
 
 
 @dataclass
@@ -86,6 +107,55 @@ class PromptSet:
         return PromptSet(
             [p for p in self.prompts if p.group in keep], self.source, self.version, self.sha256
         )
+
+    def pairs(self, recursive_group: str, twin_group: str) -> list[tuple[Prompt, Prompt]]:
+        """``(prompt, twin)`` tuples linked by ``pair_id``, in the file order of
+        ``recursive_group``.
+
+        Raises PromptError when the two groups are the same or not in the set, when the set
+        has no pair ids at all, when a prompt of either group has none, when a pair id occurs
+        twice in one group, or when a pair id of one group has no partner in the other (the
+        message names the unpaired prompt ids).
+        """
+        if recursive_group == twin_group:
+            raise PromptError(
+                f"a paired contrast needs two different groups, got {recursive_group!r} twice"
+            )
+        chosen = self.select([recursive_group, twin_group])
+        if all(p.pair_id is None for p in self.prompts):
+            raise PromptError(
+                f"prompt file {self.source} has no pair_id column; a paired contrast needs "
+                f"the same pair_id on each prompt of {recursive_group} and its twin in "
+                f"{twin_group} (bank v2 has them)"
+            )
+        without = [p.id for p in chosen if p.pair_id is None]
+        if without:
+            raise PromptError(
+                f"prompt file {self.source}: {len(without)} prompt(s) of {recursive_group} / "
+                f"{twin_group} have no pair_id: {_listed(without)}; give each one the pair_id "
+                "of its partner"
+            )
+        by_group: dict[str, dict[str, Prompt]] = {recursive_group: {}, twin_group: {}}
+        for prompt in chosen:
+            linked = by_group[prompt.group]
+            if prompt.pair_id in linked:
+                raise PromptError(
+                    f"prompt file {self.source}: pair_id {prompt.pair_id!r} occurs twice in "
+                    f"group {prompt.group} ({linked[prompt.pair_id].id} and {prompt.id}); "
+                    "each pair has one prompt per group"
+                )
+            linked[prompt.pair_id] = prompt
+        first, second = by_group[recursive_group], by_group[twin_group]
+        unpaired = [p.id for key, p in first.items() if key not in second] + [
+            p.id for key, p in second.items() if key not in first
+        ]
+        if unpaired:
+            raise PromptError(
+                f"prompt file {self.source}: {len(unpaired)} prompt(s) of {recursive_group} / "
+                f"{twin_group} have no partner with the same pair_id: {_listed(unpaired)}; "
+                "add the missing twins or fix their pair_id"
+            )
+        return [(prompt, second[key]) for key, prompt in first.items()]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -122,9 +192,10 @@ def load_prompt_file(path: str | Path) -> PromptSet:
       - ``.txt``: one prompt per non-blank line, optionally ``group<TAB>text``; surrounding
         whitespace of each line is removed (it is invisible in an editor).
     Objects have ``text`` and optional ``group`` (default ``user``), ``id`` (default
-    ``user_0001`` ... by position) and ``family`` (default: recursive / baseline / control for
-    bank group names, else ``user``). Other keys are ignored. Structured formats keep the text
-    exactly as written.
+    ``user_0001`` ... by position), ``family`` (default: recursive / baseline / control / twin
+    for bank group names, else ``user``), ``pair_id`` and ``style`` (strings) and ``level`` (a
+    whole number 1..5). The csv format takes the same optional columns; an empty cell means
+    absent. Other keys are ignored. Structured formats keep the text exactly as written.
     """
     path = Path(path)
     if not path.is_file():
@@ -254,12 +325,13 @@ def _records_from_csv(content: str, name: str) -> list[tuple[str, Any]]:
     if "text" not in columns:
         raise PromptError(
             f"{name} has no 'text' column (columns: {', '.join(columns) or 'none'}); "
-            "add a header row with a text column (and optionally group, id, family)"
+            "add a header row with a text column (and optionally group, id, family, "
+            "pair_id, style, level)"
         )
     records = []
     for row in reader:
         cleaned = {(key or "").strip(): value for key, value in row.items() if key is not None}
-        for optional in ("id", "group", "family"):  # an empty cell means "use the default"
+        for optional in _OPTIONAL_KEYS:  # an empty cell means "use the default"
             if cleaned.get(optional) is not None and not cleaned[optional].strip():
                 del cleaned[optional]
         if cleaned.get("text") is None:
@@ -310,8 +382,42 @@ def _build_prompts(records: Sequence[tuple[str, Any]], name: str) -> list[Prompt
                 "give every prompt a unique id"
             )
         where_seen[pid] = where
-        prompts.append(Prompt(id=pid, group=group, family=family, text=text))
+        prompts.append(
+            Prompt(
+                id=pid,
+                group=group,
+                family=family,
+                text=text,
+                pair_id=_optional_str(record, "pair_id", name, where),
+                style=_optional_str(record, "style", name, where),
+                level=_optional_level(record, name, where),
+            )
+        )
     return prompts
+
+
+def _optional_level(record: dict, name: str, where: str) -> int | None:
+    """``level`` as an int 1..MAX_LEVEL: JSON ints, or digit strings (csv cells); absent/blank
+    is None."""
+    value = record.get("level")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LEVEL:
+        raise PromptError(
+            f"{name} {where}: 'level' must be a whole number from 1 to {MAX_LEVEL}, "
+            f"got {value!r}; fix it or leave it out"
+        )
+    return value
+
+
+def _listed(ids: Sequence[str]) -> str:
+    """Comma-separated ids, the first ``_MAX_IDS_LISTED`` and a count of the rest."""
+    text = ", ".join(ids[:_MAX_IDS_LISTED])
+    if len(ids) > _MAX_IDS_LISTED:
+        text += f", ... ({len(ids) - _MAX_IDS_LISTED} more)"
+    return text
 
 
 def _optional_str(record: dict, key: str, name: str, where: str) -> str | None:

@@ -1,0 +1,280 @@
+"""Train a small sparse autoencoder on captured activations, on CPU.
+
+Recipe (TopK after Gao et al. 2024; ReLU + L1 after Bricken et al. 2023 / Conerly et al. 2024):
+
+- The activations are split once into a training part and a held-out slice (seeded).
+- b_dec starts at the geometric median of the training rows (Weiszfeld iterations; the mean
+  with ``b_dec_init="mean"``), so that features code deviations from a typical row.
+- With ``normalize`` the rows are multiplied by one scalar s that gives the centred rows unit
+  mean square per dimension, so the default learning rate and L1 coefficient fit any hook
+  point. The scale is folded back at the end (b_enc and b_dec divided by s, which ReLU and TopK
+  commute with), so the returned SAE takes raw activations and its decoder rows stay unit norm.
+- Decoder rows start as random unit vectors, the encoder as their transpose. After every Adam
+  step the rows are renormalised to unit norm, and before it the gradient component along each
+  row is removed (it would only change the norm).
+- Loss: squared reconstruction error summed over d_in, averaged over the batch; the ReLU SAE
+  adds ``l1`` times the sum of feature activations (decoder rows have unit norm, so this is the
+  usual norm-weighted L1).
+
+Everything is seeded with one ``torch.Generator``: the same activations, settings and seed give
+the same SAE (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rloop.errors import ConfigError
+from rloop.sae.format import (
+    ARCHITECTURE_STANDARD,
+    ARCHITECTURE_TOPK,
+    SparseAutoencoder,
+)
+
+TRAIN_ARCHITECTURES = ("topk", "relu")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+DEFAULT_STEPS = 2000
+_FINAL_LOSS_STEPS = 50  # final_loss is the mean training loss over this many last steps
+_MEDIAN_ROWS = 16_384  # rows used for the geometric median
+
+ProgressCallback = Callable[[int, int, float], None]
+
+
+def geometric_median(rows: torch.Tensor, max_iter: int = 200, tol: float = 1e-7) -> torch.Tensor:
+    """Geometric median of rows (n, d) -> (d,) float64: the point minimising the sum of
+    Euclidean distances, by Weiszfeld iterations started at the mean. Stops when a step moves
+    less than ``tol`` times the rows' RMS distance to the mean."""
+    x = rows.to(torch.float64)  # (n, d)
+    median = x.mean(dim=0)  # (d,)
+    spread = (x - median).norm(dim=1).square().mean().sqrt()
+    if spread == 0:
+        return median
+    floor = 1e-12 * spread
+    for _ in range(max_iter):
+        distances = (x - median).norm(dim=1).clamp(min=floor)  # (n,)
+        weights = 1.0 / distances  # (n,)
+        updated = (weights[:, None] * x).sum(dim=0) / weights.sum()  # (d,)
+        moved = (updated - median).norm()
+        median = updated
+        if moved < tol * spread:
+            break
+    return median
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_activations(activations) -> torch.Tensor:
+    x = activations if isinstance(activations, torch.Tensor) else torch.as_tensor(activations)
+    if x.dim() != 2 or x.shape[0] < 2 or x.shape[1] < 1:
+        raise ConfigError(
+            f"activations must be (n, d_in) with n >= 2, got {tuple(x.shape)}: flatten the "
+            "prompt and token dimensions first"
+        )
+    if not x.is_floating_point():
+        raise ConfigError(f"activations must be floating point, got {x.dtype}")
+    x = x.detach().to(device="cpu", dtype=torch.float32)  # (n, d_in)
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise ConfigError(f"activations hold NaN or infinite values in {bad} rows: drop them")
+    return x
+
+
+def _n_steps(steps: int | None, epochs: int | None, n_train: int, batch_size: int) -> int:
+    if steps is not None and epochs is not None:
+        raise ConfigError("pass steps or epochs, not both")
+    if epochs is not None:
+        return _check_positive_int(epochs, "epochs") * math.ceil(n_train / batch_size)
+    return _check_positive_int(steps if steps is not None else DEFAULT_STEPS, "steps")
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless minibatch indices: a fresh permutation of range(n) per epoch."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, activations) -> dict[str, float]:
+    """Reconstruction and sparsity of ``sae`` on rows (n, d_in), accumulated in float64.
+
+    explained_variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2; mse = mean over rows
+    of ||x - x_hat||^2; mean_l0 = mean number of active (> 0) features per row; dead_share =
+    share of features active on no row; dead_features = their count.
+    """
+    x = _check_activations(activations).to(sae.dtype)  # (n, d_in)
+    features = sae.encode(x)  # (n, d_sae)
+    reconstruction = sae.decode(features).to(torch.float64)  # (n, d_in)
+    x64 = x.to(torch.float64)  # (n, d_in)
+    error = (x64 - reconstruction).square().sum()
+    total = (x64 - x64.mean(dim=0)).square().sum()
+    active = features > 0  # (n, d_sae)
+    dead = int((~active.any(dim=0)).sum())
+    return {
+        "explained_variance": float(1.0 - error / total) if total > 0 else math.nan,
+        "mse": float(error / x.shape[0]),
+        "mean_l0": float(active.sum(dim=1).to(torch.float64).mean()),
+        "dead_features": dead,
+        "dead_share": dead / sae.d_sae,
+    }
+
+
+def train_sae(
+    activations,
+    d_sae: int,
+    architecture: str = "topk",
+    k: int | None = None,
+    l1: float = 1.0,
+    steps: int | None = None,
+    epochs: int | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    holdout_fraction: float = 0.1,
+    b_dec_init: str = "geometric_median",
+    normalize: bool = True,
+    progress: ProgressCallback | None = None,
+    log_every: int = 100,
+    hook_name: str | None = None,
+    model_name: str | None = None,
+) -> tuple[SparseAutoencoder, dict]:
+    """Train an SAE with ``d_sae`` features on activations (n, d_in); returns (sae, metrics).
+
+    architecture: "topk" (keep the k largest pre-activations; ``k`` required) or "relu" (ReLU
+    with an L1 penalty of weight ``l1``, in units of the normalised activations). Training runs
+    ``steps`` Adam steps of ``batch_size`` rows (default 2000), or ``epochs`` passes over the
+    training rows. ``progress(step, n_steps, loss)`` is called every ``log_every`` steps and at
+    the end.
+
+    metrics: :func:`evaluate_sae` on the held-out slice (``holdout_fraction`` of the rows, at
+    least one; on the training rows if it is 0, and ``evaluated_on`` says which), plus
+    final_loss (mean training loss over the last 50 steps, normalised units), the input scale
+    s, n_train, n_holdout, n_steps and the settings.
+    """
+    if architecture not in TRAIN_ARCHITECTURES:
+        raise ConfigError(
+            f"unknown SAE architecture {architecture!r}: choose one of {TRAIN_ARCHITECTURES}"
+        )
+    if b_dec_init not in B_DEC_INITS:
+        raise ConfigError(f"unknown b_dec_init {b_dec_init!r}: choose one of {B_DEC_INITS}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ConfigError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be a positive number, got {lr}")
+    if architecture == "relu" and not (l1 >= 0 and math.isfinite(l1)):
+        raise ConfigError(f"l1 must be a non-negative number, got {l1}")
+    _check_positive_int(d_sae, "d_sae")
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(log_every, "log_every")
+    x_all = _check_activations(activations)  # (n, d_in)
+    n, d_in = x_all.shape
+    if architecture == "topk" and k is None:
+        raise ConfigError("a topk SAE needs k (the number of active features per row)")
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)  # (n,)
+    n_holdout = max(1, round(holdout_fraction * n)) if holdout_fraction > 0 else 0
+    if n - n_holdout < 1:
+        raise ConfigError(f"holdout_fraction {holdout_fraction} leaves no training rows of {n}")
+    holdout = x_all[order[:n_holdout]]  # (n_holdout, d_in)
+    x_train = x_all[order[n_holdout:]]  # (n_train, d_in)
+    n_train = x_train.shape[0]
+    batch_size = min(batch_size, n_train)
+    n_steps = _n_steps(steps, epochs, n_train, batch_size)
+
+    sae = SparseAutoencoder(
+        d_in=d_in,
+        d_sae=d_sae,
+        architecture=ARCHITECTURE_TOPK if architecture == "topk" else ARCHITECTURE_STANDARD,
+        k=k if architecture == "topk" else None,
+        hook_name=hook_name,
+        model_name=model_name,
+        metadata={"trained_with": "rloop.sae.train_sae", "seed": seed},
+    )
+
+    mean = x_train.to(torch.float64).mean(dim=0)  # (d_in,)
+    mean_square = (x_train.to(torch.float64) - mean).square().sum(dim=1).mean()
+    scale = float(math.sqrt(d_in / mean_square)) if normalize and mean_square > 0 else 1.0
+    if b_dec_init == "geometric_median":
+        pick = torch.randperm(n_train, generator=generator)[:_MEDIAN_ROWS]
+        centre = geometric_median(x_train[pick])  # (d_in,)
+    elif b_dec_init == "mean":
+        centre = mean
+    else:
+        centre = torch.zeros(d_in, dtype=torch.float64)
+
+    with torch.no_grad():
+        directions = torch.randn(d_sae, d_in, generator=generator)  # (d_sae, d_in)
+        directions /= directions.norm(dim=1, keepdim=True)
+        sae.W_dec.copy_(directions)
+        sae.W_enc.copy_(directions.T)
+        sae.b_dec.copy_((centre * scale).to(torch.float32))
+    z_train = x_train * scale  # (n_train, d_in) normalised units
+    sae.requires_grad_(True)
+
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    recent_losses: list[float] = []
+    batches = _batches(n_train, batch_size, generator)
+    for step in range(1, n_steps + 1):
+        batch = z_train[next(batches)]  # (B, d_in)
+        features = sae.encode(batch)  # (B, d_sae)
+        reconstruction = sae.decode(features)  # (B, d_in)
+        loss = (reconstruction - batch).square().sum(dim=1).mean()
+        if architecture == "relu":
+            loss = loss + l1 * features.sum(dim=1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            rows, grad = sae.W_dec, sae.W_dec.grad  # (d_sae, d_in), (d_sae, d_in)
+            grad -= (grad * rows).sum(dim=1, keepdim=True) * rows  # keep only norm-free changes
+        optimizer.step()
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise ConfigError(
+                f"SAE training diverged at step {step} (loss {loss_value}): lower lr (now {lr})"
+            )
+        recent_losses.append(loss_value)
+        if len(recent_losses) > _FINAL_LOSS_STEPS:
+            recent_losses.pop(0)
+        if progress is not None and (step % log_every == 0 or step == n_steps):
+            progress(step, n_steps, loss_value)
+
+    with torch.no_grad():  # fold the input scale back: the SAE takes raw activations
+        sae.b_enc /= scale
+        sae.b_dec /= scale
+    sae.requires_grad_(False)
+    sae.zero_grad(set_to_none=True)
+
+    evaluated_on = "holdout" if n_holdout else "train"
+    metrics = evaluate_sae(sae, holdout if n_holdout else x_train)
+    metrics.update(
+        {
+            "evaluated_on": evaluated_on,
+            "final_loss": float(np.mean(recent_losses)),
+            "input_scale": scale,
+            "n_train": n_train,
+            "n_holdout": n_holdout,
+            "n_steps": n_steps,
+            "architecture": architecture,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "k": k if architecture == "topk" else None,
+            "l1": l1 if architecture == "relu" else None,
+            "lr": lr,
+            "batch_size": batch_size,
+            "b_dec_init": b_dec_init,
+            "seed": seed,
+        }
+    )
+    return sae, metrics
