@@ -12,13 +12,9 @@ import torch
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
-from rloop.experiments.ablate import (
-    AblationConfig,
-    ablated_r_v,
-    group_ablation_edits,
-    layer_ablation_edits,
-    run_head_sweep,
-)
+from rloop.experiments.ablate import AblationConfig, run_head_sweep
+from rloop.interventions.edits import group_ablation_edits, layer_ablation_edits
+from rloop.interventions.engine import ablated_r_v
 from rloop.interventions.head_sweep import single_head_reference
 from rloop.metrics import r_v
 from tests.test_contraction import prompt_set

@@ -23,11 +23,11 @@ from rloop.experiments.ablate_group import (
 from rloop.experiments.ablate_layer import LayerAblationConfig, run_layer_ablation
 from rloop.experiments.attn_vs_mlp import ComponentsConfig, component_pr, run_components
 from rloop.experiments.attribution import AttributionConfig, run_attribution
-from rloop.experiments.causal import parse_heads, stacked_head_ablation_r_v
 from rloop.experiments.heads import measure_heads
 from rloop.experiments.patch import PatchConfig, circularity, patched_r_v, run_patching
 from rloop.experiments.saliency import SaliencyConfig, run_saliency
-from rloop.interventions.edits import PatchSpec
+from rloop.interventions.edits import PatchSpec, parse_heads
+from rloop.interventions.engine import head_set_r_v
 from tests.tiny_models import tiny_lm
 
 WINDOW = 4
@@ -155,10 +155,10 @@ def test_stacked_variants_chunked_equal_single_variants() -> None:
     texts = ["5 9 3 7 1 8 2", "4 4 6 1 9 2 7 3 5"]
     batch = encode(lm.tokenizer, texts)
     sets = [[(0, 0)], [(1, 1), (0, 3)], [(1, 0)]]
-    stacked = stacked_head_ablation_r_v(
-        lm, batch, sets, EARLY, LATE, WINDOW, "per-head", max_rows=2
+    stacked = head_set_r_v(
+        lm.model, lm.adapter, batch, sets, EARLY, LATE, WINDOW, "per-head", max_rows=2
     )  # forces one variant per chunk... and more
-    together = stacked_head_ablation_r_v(lm, batch, sets, EARLY, LATE, WINDOW, "per-head")
+    together = head_set_r_v(lm.model, lm.adapter, batch, sets, EARLY, LATE, WINDOW, "per-head")
     np.testing.assert_allclose(stacked, together, rtol=1e-5)
     for v, heads in enumerate(sets):
         for p, text in enumerate(texts):

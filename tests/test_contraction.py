@@ -179,7 +179,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch) -> N
         prompts=str(prompts_file), layers=[0, 2], window=5, n_boot=200, batch_size=2
     )
     out = tmp_path / "run"
-    real_table = contraction_module.window_pr_table
+    real_table = contraction_module.measure_pr
     calls = []
 
     def failing_table(*args, **kwargs):
@@ -188,7 +188,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch) -> N
             raise KeyboardInterrupt  # the user pressed Ctrl-C during the third batch
         return real_table(*args, **kwargs)
 
-    monkeypatch.setattr(contraction_module, "window_pr_table", failing_table)
+    monkeypatch.setattr(contraction_module, "measure_pr", failing_table)
     with pytest.raises(KeyboardInterrupt):
         run_contraction(config, out=out, lm=lm)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -199,7 +199,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch) -> N
     calls.clear()
     monkeypatch.setattr(
         contraction_module,
-        "window_pr_table",
+        "measure_pr",
         lambda *a, **k: (calls.append(1), real_table(*a, **k))[1],
     )
     run_contraction(config, out=out, lm=lm)

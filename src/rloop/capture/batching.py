@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rloop.errors import ConfigError, PromptError
+from rloop.metrics import check_window_lengths
 
 
 @dataclass
@@ -84,7 +85,6 @@ def window_positions(
     Built on the host from the known lengths (one copy to ``device``, no synchronisation);
     raises PromptError naming each row that is too short.
     """
-    from rloop.metrics import check_window_lengths
 
     check_window_lengths(n_tokens, window)
     ends = torch.tensor([int(n) for n in n_tokens]).unsqueeze(1)  # (B, 1)

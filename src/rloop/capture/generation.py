@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.capture.trace import Trace, parse_address
+from rloop.capture.trace import Trace, address, parse_address
 from rloop.errors import ConfigError, PromptError, UnsupportedArchitectureError
 from rloop.metrics import last_real_window, r_v, window_pr
 
@@ -406,7 +406,6 @@ def generate_texts(
     point: str = "v",
 ) -> GenerationResult:
     """Generate from prompt texts with a loaded model, capturing ``point`` at ``layers``."""
-    from rloop.capture.trace import address
 
     rows = tokenize_rows(lm.tokenizer, texts)
     return generate(

@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats as sps
 
 from rloop.capture.batching import encode
-from rloop.capture.trace import Trace, address
-from rloop.errors import ConfigError
-from rloop.interventions.edits import (
-    ABLATION_MODES,
-    HEAD_UNITS,
-    check_heads,
-    component_ablation_edit,
-    head_ablation_edit,
-    keep_mask,
-    mean_activations,
-)
+from rloop.errors import ConfigError, RunStoreError
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.settings import load_prompt_set
+from rloop.interventions.edits import ABLATION_MODES, HEAD_UNITS, HeadList, mean_activations
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.interventions.head_sweep import head_sweep
-from rloop.metrics import r_v, window_pr
+from rloop.metrics import r_v
 from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
+from rloop.models import load_model
 from rloop.progress import progress_bar
-from rloop.prompts import PromptSet
+from rloop.prompts import PromptSet, check_window
+from rloop.runs import plots as plotting
+from rloop.runs.store import read_manifest
 
 EXPERIMENT = "ablate"
 
@@ -172,13 +168,6 @@ def _kl_summary(kl: np.ndarray, n_boot: int, seed: int) -> dict:
 
 def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=None):
     """``rloop ablate``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.runner import (
-        execute,
-        load_prompt_set,
-        model_manifest,
-        prompts_manifest,
-    )
-    from rloop.prompts import check_window
 
     validate_config(config)
     groups = config.groups or (["L5"] if config.prompts is None else None)
@@ -189,8 +178,6 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     if config.mode == "mean":
         reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
     if lm is None:
-        from rloop.models import load_model
-
         lm = load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
@@ -267,7 +254,6 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
 
 
 def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
-    from rloop.runs import plots as plotting
 
     layers = sorted(summary["layer"].unique())
     n_units = int(summary["head"].max()) + 1
@@ -346,58 +332,46 @@ def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> s
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------- group / layer
-def ablated_r_v(
-    lm,
-    texts: list[str],
-    edits: dict,
-    early: int,
-    late: int,
-    window: int,
-    pr_mode: str = "per-head",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(clean R_V, ablated R_V) per prompt, (P,) each, for a dict of Trace edits."""
-    from rloop.capture.batching import gather_windows
-
-    batch = encode(lm.tokenizer, texts, lm.device)
-    out = []
-    for e in ({}, edits):
-        with (
-            torch.no_grad(),
-            Trace(
-                lm.model,
-                lm.adapter,
-                capture=[address(early, "v"), address(late, "v")],
-                edits=e,
-                stop_after_point=address(late, "v"),
-            ) as tr,
-        ):
-            lm.model(**batch.model_inputs(), use_cache=False)
-        pe = window_pr(gather_windows(tr[address(early, "v")], batch.n_tokens, window), pr_mode)
-        pl = window_pr(gather_windows(tr[address(late, "v")], batch.n_tokens, window), pr_mode)
-        out.append(r_v(pl.cpu().numpy(), pe.cpu().numpy()))
-    return out[0], out[1]
-
-
-def group_ablation_edits(
-    adapter, heads: list[tuple[int, int]], unit: str = "query", mean_z=None
-) -> dict:
-    """Edits that ablate several (layer, head) pairs together (one z edit per layer)."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    edits = {}
-    for layer, hs in by_layer.items():
-        hs = check_heads(adapter, layer, hs, unit)
-        keep = keep_mask(adapter, [hs], unit)  # (1, H)
-        edits[address(layer, "z")] = head_ablation_edit(
-            keep, None if mean_z is None else mean_z[layer]
+# ---------------------------------------------------------------------------- reading a sweep
+def read_sweep(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(results, heads, manifest) of a finished ``rloop ablate`` run directory."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest.get("experiment") != "ablate":
+        raise RunStoreError(
+            f"{run_dir} is a {manifest.get('experiment')!r} run, not a head sweep: "
+            "pass the directory of an `rloop ablate` run"
         )
-    return edits
+    if manifest.get("status") != "complete":
+        raise RunStoreError(
+            f"{run_dir} is not complete (status {manifest.get('status')!r}): "
+            "finish the sweep first (run the same `rloop ablate` command again)"
+        )
+    try:
+        results = pd.read_parquet(run_dir / "results.parquet")
+        heads = pd.read_parquet(run_dir / "heads.parquet")
+    except (OSError, ValueError) as err:
+        raise RunStoreError(f"cannot read the tables of sweep {run_dir}: {err}") from None
+    return results, heads, manifest
 
 
-def layer_ablation_edits(layer: int, component: str = "attn_out", mean=None) -> dict:
-    """Edits that remove a whole attention block output (or MLP output) at ``layer``."""
-    if component not in ("attn_out", "mlp_out"):
-        raise ConfigError(f"component must be attn_out or mlp_out, got {component!r}")
-    return {address(layer, component): component_ablation_edit(mean)}
+def top_heads_of_sweep(heads: pd.DataFrame, k: int, select: str = "abs") -> HeadList:
+    """The top ``k`` computed heads of a sweep's ``heads`` table.
+
+    select: "abs" (largest |mean impact|), "negative" (most negative mean impact: the seed's
+    "expanders", whose removal lowers R_V), "positive" (most positive).
+    """
+    if k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {k}")
+    computed = heads[heads["computed"]]
+    if select == "abs":
+        order = computed.assign(key=-computed["mean_impact"].abs()).sort_values("key")
+    elif select == "negative":
+        order = computed.sort_values("mean_impact")
+    elif select == "positive":
+        order = computed.sort_values("mean_impact", ascending=False)
+    else:
+        raise ConfigError(f"unknown head selection {select!r}: choose abs, negative or positive")
+    if len(order) < k:
+        raise ConfigError(f"the sweep has only {len(order)} computed heads; use --top-k <= that")
+    return sorted((int(r.layer), int(r.head)) for r in order.head(k).itertuples())

@@ -20,31 +20,20 @@ import numpy as np
 import pandas as pd
 
 from rloop.errors import ConfigError
-from rloop.experiments.causal import (
-    CausalSettings,
-    HeadList,
-    check_ablation_mode,
-    check_head_list,
-    clean_r_v,
-    encode_prompts,
-    load_reference,
-    markdown_table,
-    model_line,
-    paired_change,
-    parse_heads,
-    prepare,
-    read_sweep,
-    record_inputs,
-    reference_means,
-    stacked_head_ablation_r_v,
-    top_heads_of_sweep,
-)
+from rloop.experiments.ablate import read_sweep, top_heads_of_sweep
+from rloop.experiments.runner import encode_prompts, execute, record_inputs
+from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
+from rloop.interventions.edits import HeadList, check_ablation_mode, check_head_list, parse_heads
+from rloop.interventions.engine import head_set_r_v, measure_r_v
+from rloop.metrics.stats import paired_change
+from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "ablate-group"
 
 
 @dataclass
-class GroupAblationConfig(CausalSettings):
+class GroupAblationConfig(RVSettings):
     heads: str | None = None  # "15.4,16.2" (layer.head)
     from_sweep: str | None = None  # run directory of a finished `rloop ablate`
     top_k: int = 10
@@ -104,7 +93,6 @@ def random_head_sets(heads: HeadList, n_units: int, n_draws: int, seed: int) -> 
 
 def run_group_ablation(config: GroupAblationConfig, out=None, force: bool = False, lm=None):
     """``rloop ablate-group``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.runner import execute
 
     check_ablation_mode(config.mode, config.unit)
     if config.n_random < 0:
@@ -132,10 +120,13 @@ def run_group_ablation(config: GroupAblationConfig, out=None, force: bool = Fals
         layers = sorted({layer for layer, _ in heads})
         mean_z = reference_means(lm, reference, layers, "z")
         batch = encode_prompts(lm, prepared.prompts)
-        _, _, clean = clean_r_v(lm, batch, early, late, config.window, config.pr_mode)  # (P,)
+        _, _, clean = measure_r_v(
+            lm.model, lm.adapter, batch, early, late, config.window, config.pr_mode
+        )  # (P,)
         controls = random_head_sets(heads, n_units, config.n_random, config.seed)
-        rv = stacked_head_ablation_r_v(
-            lm,
+        rv = head_set_r_v(
+            lm.model,
+            lm.adapter,
             batch,
             [heads, *controls],
             early,
@@ -232,7 +223,6 @@ def _summary_table(results: pd.DataFrame, random_table: pd.DataFrame, config) ->
 
 
 def _plot(results, random_table, path, config, n_heads) -> None:
-    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if not random_table.empty:

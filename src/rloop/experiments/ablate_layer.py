@@ -20,21 +20,15 @@ import torch
 from rloop.capture.batching import gather_windows
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError
-from rloop.experiments.ablate import layer_ablation_edits
-from rloop.experiments.causal import (
-    CausalSettings,
-    check_ablation_mode,
-    encode_prompts,
-    load_reference,
-    markdown_table,
-    model_line,
-    paired_change,
-    prepare,
-    record_inputs,
-    reference_means,
-)
+from rloop.experiments.runner import encode_prompts, execute, record_inputs
+from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
+from rloop.interventions.edits import check_ablation_mode, layer_ablation_edits
+from rloop.interventions.engine import measure_r_v
 from rloop.metrics import r_v, window_pr
+from rloop.metrics.stats import paired_change
 from rloop.progress import progress_bar
+from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "ablate-layer"
 COMPONENT_POINTS = {"attn": "attn_out", "mlp": "mlp_out"}
@@ -42,7 +36,7 @@ COMPONENT_POINTS = {"attn": "attn_out", "mlp": "mlp_out"}
 
 # ---------------------------------------------------------------------------- layer ablation
 @dataclass
-class LayerAblationConfig(CausalSettings):
+class LayerAblationConfig(RVSettings):
     layers: list[int] | None = None  # layers to ablate, one at a time
     components: list[str] = field(default_factory=lambda: ["attn"])  # attn and/or mlp
     mode: str = "zero"
@@ -76,8 +70,6 @@ def layer_ablation_r_v(
 
 def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = False, lm=None):
     """``rloop ablate-layer``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.causal import clean_r_v
-    from rloop.experiments.runner import execute
 
     check_ablation_mode(config.mode)
     components = check_components(config.components)
@@ -103,7 +95,9 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
         )
         started = time.perf_counter()
         batch = encode_prompts(lm, prepared.prompts)
-        _, _, clean = clean_r_v(lm, batch, early, late, config.window, config.pr_mode)
+        _, _, clean = measure_r_v(
+            lm.model, lm.adapter, batch, early, late, config.window, config.pr_mode
+        )
         prompts = list(prepared.prompts)
         rows, summary_rows = [], []
         todo = [(layer, c) for layer in layers for c in components]
@@ -171,7 +165,6 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
 
 
 def _plot_layer_ablation(summary, path, config, early, late) -> None:
-    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for component, frame in summary.groupby("component"):

@@ -16,23 +16,20 @@ import torch
 from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError
-from rloop.experiments.causal import (
-    CausalSettings,
-    markdown_table,
-    model_line,
-    prepare,
-    record_inputs,
-)
+from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.settings import RVSettings, prepare
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import contrast
 from rloop.progress import progress_bar
+from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "attn-vs-mlp"
 COMPONENT_POINTS = {"attn": "attn_out", "mlp": "mlp_out"}
 
 
 @dataclass
-class ComponentsConfig(CausalSettings):
+class ComponentsConfig(RVSettings):
     layers: list[int] | None = None  # None = every layer
     recursive_group: str = "L5"
     baseline_group: str = "factual"
@@ -65,7 +62,6 @@ def component_pr(
 
 def run_components(config: ComponentsConfig, out=None, force: bool = False, lm=None):
     """``rloop attn-vs-mlp``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.runner import execute
 
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
@@ -180,7 +176,6 @@ def _component_contrasts(results: pd.DataFrame, config: ComponentsConfig) -> pd.
 
 
 def _plot_components(table: pd.DataFrame, path) -> None:
-    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (group, frame) in enumerate(table.groupby("group")):

@@ -13,26 +13,22 @@ import pandas as pd
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
-from rloop.experiments.causal import (
-    CausalSettings,
-    check_ablation_mode,
-    load_reference,
-    markdown_table,
-    model_line,
-    prepare,
-    read_sweep,
-    record_inputs,
-    reference_means,
-)
+from rloop.experiments.ablate import read_sweep, sweep_table
+from rloop.experiments.runner import execute, record_inputs
 from rloop.experiments.saliency import gradient_tables, per_head_rows, plot_head_heatmap
+from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
+from rloop.interventions.edits import check_ablation_mode
+from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics.stats import correlation_with_ci
 from rloop.progress import progress_bar
+from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "attribution"
 
 
 @dataclass
-class AttributionConfig(CausalSettings):
+class AttributionConfig(RVSettings):
     layers: list[int] | None = None  # None = every layer below the late one
     mode: str = "zero"
     reference_group: str = "factual"
@@ -44,9 +40,6 @@ class AttributionConfig(CausalSettings):
 
 def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm=None):
     """``rloop attribution``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.ablate import sweep_table
-    from rloop.experiments.runner import execute
-    from rloop.interventions.head_sweep import head_sweep
 
     check_ablation_mode(config.mode)
     sweep = None
@@ -232,7 +225,6 @@ def _check_sweep_matches(sweep, config: AttributionConfig, prepared, layers) -> 
 
 
 def _scatter(computed, path, corr, config) -> None:
-    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(computed["exact_mean"], computed["attribution_mean"], s=10, alpha=0.7)

@@ -19,42 +19,40 @@ import numpy as np
 import pandas as pd
 
 from rloop.errors import ConfigError, PromptError
-from rloop.interventions.engine import (
-    check_mode_for_point,
-    iter_windows,
-    resolve_layers,
-    window_pr_table,
+from rloop.experiments.runner import (
+    PromptBatch,
+    execute,
+    model_manifest,
+    prompt_batches,
+    prompts_manifest,
+    run_units,
 )
+from rloop.experiments.settings import (
+    Settings,
+    check_settings,
+    limit_per_group,
+    load,
+    load_prompt_set,
+)
+from rloop.interventions.engine import check_mode_for_point, measure_pr, resolve_layers
 from rloop.metrics import r_v
 from rloop.metrics.stats import contrast, describe_group
-from rloop.progress import progress_bar
+from rloop.prompts import check_window
+from rloop.runs import plots as plotting
 
 EXPERIMENT = "contraction"
 
 
 @dataclass
-class ContractionConfig:
+class ContractionConfig(Settings):
     """Settings of the contraction experiment (defaults match the CLI and the docs)."""
 
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    prompts: str | None = None  # a prompt file; None = the shipped bank
-    bank_version: str = "v1"
-    groups: list[str] | None = None  # None = every group of the prompt set
     layers: list[int] | None = None  # [early, late]; None = depth fractions
-    window: int = 16
     pr_modes: list[str] = field(default_factory=lambda: ["per-head", "whole"])
     point: str = "v"
     recursive_group: str = "L5"
     baseline_group: str = "factual"
     batch_size: int = 16
-    n_boot: int = 2000
-    seed: int = 0
-    dtype: str | None = None
-    device: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -80,34 +78,37 @@ def measure_contraction(lm, prompt_set, config: ContractionConfig, run=None) -> 
         raise PromptError("the prompt set is empty: pass a file with at least one prompt")
     adapter = lm.adapter
     check_mode_for_point(config.point, config.pr_modes)
-    early, late, rule = resolve_layers(adapter, config.layers)
-    prompts = list(prompt_set)
-    texts = [p.text for p in prompts]
+    early, late, rule = resolve_layers(adapter, config.layers, "--layers")
+    check_window(prompt_set, lm.tokenizer, config.window)
     all_layers = list(range(max(late, adapter.n_layers - 1) + 1))
 
-    started = time.perf_counter()
-    done = run.finished_keys() if run is not None else set()
-    parts: list[pd.DataFrame] = []
-    with progress_bar("measuring PR", total=len(texts)) as advance:
-        for number, batch in iter_windows(
+    def measure(batch: PromptBatch) -> pd.DataFrame:
+        measured = measure_pr(
             lm.model,
             adapter,
-            lm.tokenizer,
-            texts,
+            batch.encode(lm),
             all_layers,
-            config.point,
             config.window,
-            config.batch_size,
-            skip=lambda n: f"batch-{n:05d}" in done,
-        ):
-            table = window_pr_table(batch, config.point, config.pr_modes)
-            table["prompt_id"] = [prompts[i].id for i in table["item"]]
-            if run is not None:
-                run.save_partial(f"batch-{number:05d}", table.drop(columns="item"))
-            parts.append(table.drop(columns="item"))
-            advance(len(batch.indices))
-    profile = run.load_partials() if run is not None else pd.concat(parts, ignore_index=True)
+            point=config.point,
+            modes=config.pr_modes,
+            reasons=True,
+        )
+        table = measured.table()
+        table.insert(0, "prompt_id", [batch.prompts[i].id for i in table.pop("row")])
+        return table
+
+    started = time.perf_counter()
+    batches = prompt_batches(lm, list(prompt_set), config.batch_size)
+    profile = run_units(
+        run,
+        batches,
+        measure,
+        key=lambda b: b.key,
+        label="measuring PR",
+        weight=lambda b: len(b.prompts),
+    )
     measured = time.perf_counter() - started
+    prompts = list(prompt_set)
 
     meta = pd.DataFrame({"prompt_id": [p.id for p in prompts], "group": [p.group for p in prompts]})
     profile = meta.merge(profile, on="prompt_id", how="inner")
@@ -232,12 +233,9 @@ def _layer_sweep(profile: pd.DataFrame, early: int, config: ContractionConfig) -
 
 
 def validate_config(config: ContractionConfig) -> None:
-    if config.window < 2:
-        raise ConfigError(f"window must be at least 2 tokens, got {config.window}")
+    check_settings(config)
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.n_boot < 100:
-        raise ConfigError(f"n_boot must be at least 100 for a usable CI, got {config.n_boot}")
 
 
 def report_markdown(result: ContractionResult, config: ContractionConfig, model_line: str) -> str:
@@ -300,7 +298,6 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 def write_plots(result: ContractionResult, config: ContractionConfig, plot_path) -> list[Path]:
     """R_V by group, PR-by-layer profile per group, effect size by layer (PNG)."""
-    from rloop.runs import plots as plotting
 
     paths = [
         plotting.r_v_by_group(result.results, plot_path("r_v_by_group")),
@@ -321,24 +318,12 @@ def run_contraction(
     All checks (settings, prompt file, model, layers, window vs prompt lengths) happen
     before the run directory is created, so bad input writes nothing.
     """
-    from rloop.experiments.runner import (
-        execute,
-        load_prompt_set,
-        model_manifest,
-        prompts_manifest,
-    )
-    from rloop.prompts import check_window
-
     validate_config(config)
     prompt_set = load_prompt_set(config.prompts, config.bank_version, config.groups)
-    if lm is None:
-        from rloop.models import load_model
-
-        lm = load_model(
-            config.model, revision=config.revision, device=config.device, dtype=config.dtype
-        )
+    prompt_set = limit_per_group(prompt_set, config.max_prompts)
+    lm = load(config, lm)
     check_mode_for_point(config.point, config.pr_modes)
-    resolve_layers(lm.adapter, config.layers)
+    resolve_layers(lm.adapter, config.layers, "--layers")
     check_window(prompt_set, lm.tokenizer, config.window)
 
     def body(run) -> dict:

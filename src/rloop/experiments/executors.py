@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from rloop.errors import ConfigError
+from rloop.runs import runs_root
 
 EXECUTORS = ("local", "ray")
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -128,7 +129,6 @@ class RayExecutor:
             return
         self._connect()
         ray = self._ray
-        from rloop.runs import runs_root
 
         env = dict(self.runtime_env.get("env_vars", {}))
         env.setdefault("RLOOP_RUNS", str(runs_root().expanduser().absolute()))

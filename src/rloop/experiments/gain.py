@@ -32,9 +32,15 @@ import torch
 from rloop.capture.batching import encode, plan_batches
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, RloopError
+from rloop.experiments.contraction import _markdown_table
+from rloop.experiments.runner import execute, prompts_manifest
+from rloop.experiments.settings import load_prompt_set
 from rloop.metrics.stats import bootstrap_ci, correlation_with_ci
+from rloop.models import load_model
 from rloop.models.architecture import ArchitectureFacts, facts_of_model
 from rloop.progress import progress_bar
+from rloop.runs import plots as plotting
+from rloop.runs.store import one_line_error
 
 EXPERIMENT = "gain"
 FINAL_NORM_STAGE = "final_norm"
@@ -268,7 +274,6 @@ def rho_gain_correlations(models: pd.DataFrame, n_boot: int, seed: int) -> pd.Da
 def plot_h25(models: pd.DataFrame, curves: pd.DataFrame, path: Path, threshold: float) -> Path:
     """Seed 002's three panels: rho vs gain (CI error bars), gain by model (sorted by rho),
     per-layer gain curves (final norm drawn as a separate cross)."""
-    from rloop.runs import plots as plotting
 
     plt = plotting.plt
     frame = models.sort_values("rho", ignore_index=True)
@@ -336,7 +341,6 @@ def model_key(index: int, name: str) -> str:
 def default_loader(name: str, revision=None, device=None, dtype=None):
     """rloop.models.load_model; ``device="auto"`` spreads the model over every GPU
     (transformers' device_map="auto") for models larger than one GPU."""
-    from rloop.models import load_model
 
     if device == "auto":
         return load_model(name, revision=revision, dtype=dtype, device_map="auto")
@@ -351,7 +355,6 @@ def report_markdown(
     failures: pd.DataFrame,
     config: GainConfig,
 ) -> str:
-    from rloop.experiments.contraction import _markdown_table
 
     shown = models[
         [
@@ -414,7 +417,6 @@ def run_gain(
     measure is recorded in ``failures`` and the others go on (all failing raises). With one
     model, it is loaded before the run directory is created, so a bad name writes nothing.
     """
-    from rloop.experiments.runner import execute, load_prompt_set, prompts_manifest
 
     validate_config(config)
     prompt_set = load_prompt_set(config.prompts, config.bank_version, config.groups)
@@ -451,8 +453,6 @@ def run_gain(
                 run.save_partial(f"summary-{key}", pd.DataFrame([summary]))
                 run.save_partial(key, layers)
             except (RloopError, RuntimeError, OSError, ValueError) as err:
-                from rloop.runs.store import one_line_error
-
                 failures.append({"model": name, "error": one_line_error(err)})
                 run.update_manifest(failures=failures)
             finally:

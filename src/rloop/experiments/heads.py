@@ -29,23 +29,20 @@ import torch
 from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, UnsupportedArchitectureError
-from rloop.experiments.causal import (
-    CausalSettings,
-    markdown_table,
-    model_line,
-    prepare,
-    record_inputs,
-)
+from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.settings import RVSettings, prepare
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import benjamini_hochberg, effect_size_ci, welch_t
 from rloop.progress import progress_bar
+from rloop.runs import plots as plotting
+from rloop.runs.markdown import markdown_table, model_line
 
 EXPERIMENT = "heads"
 QUANTITIES = ("output_norm", "pr_v", "pr_z", "self_score", "entropy")
 
 
 @dataclass
-class HeadDiagnosticsConfig(CausalSettings):
+class HeadDiagnosticsConfig(RVSettings):
     layers: list[int] | None = None  # None = every layer
     recursive_group: str = "L5"
     baseline_group: str = "factual"
@@ -170,7 +167,6 @@ def measure_heads(
 
 def run_head_diagnostics(config: HeadDiagnosticsConfig, out=None, force: bool = False, lm=None):
     """``rloop heads``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.runner import execute
 
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
@@ -286,7 +282,6 @@ def _head_table(results: pd.DataFrame, config) -> pd.DataFrame:
 
 
 def _plots(heads, plot_path, config, layers, n_heads) -> None:
-    from rloop.runs import plots as plotting
 
     def grid(column):
         matrix = np.full((len(layers), n_heads), np.nan)

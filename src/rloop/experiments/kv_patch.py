@@ -25,12 +25,27 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rloop.behavior import score_texts
 from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
-from rloop.interventions.kv_cache import PatchRow, check_alpha, check_layer_range, patched_generate
+from rloop.experiments.contraction import _markdown_table
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.settings import load_prompt_set
+from rloop.interventions.engine import check_mode_for_point, resolve_layers
+from rloop.interventions.kv_cache import (
+    DEFAULT_ALPHAS,
+    PatchRow,
+    check_alpha,
+    check_layer_range,
+    default_patch_layers,
+    patched_generate,
+)
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import correlation_with_ci, noise_floor, transfer_percent
+from rloop.models import load_model
+from rloop.prompts import check_window
+from rloop.runs.plots import _save, plt
 
 NATURAL_TARGET = "natural_target"
 NATURAL_SOURCE = "natural_source"
@@ -143,7 +158,6 @@ def run_grid(
                 }
             )
     table = pd.DataFrame(records)
-    from rloop.behavior import score_texts
 
     scores = score_texts(table["text"].tolist(), semantic=semantic)
     for column in ("score", "label", "lexical_rate", "degenerate", "scorer_version"):
@@ -281,7 +295,6 @@ def dose_response_table(grid: pd.DataFrame, range_label: str, n_boot: int = 2000
 
 def plot_dose_response(grid: pd.DataFrame, range_label: str, path) -> object:
     """Mean R_V (generated) and behaviour score against alpha, natural levels as lines."""
-    from rloop.runs.plots import _save, plt
 
     rows = grid[(grid["kind"] == "kv") & (grid["range_label"] == range_label)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -301,7 +314,6 @@ def plot_dose_response(grid: pd.DataFrame, range_label: str, path) -> object:
 
 def plot_transfer(transfer: pd.DataFrame, path) -> object:
     """Transfer % per condition, R_V and behaviour side by side (undefined ones omitted)."""
-    from rloop.runs.plots import _save, plt
 
     frame = transfer[~transfer["kind"].isin([NATURAL_TARGET, NATURAL_SOURCE])]
     conditions = list(dict.fromkeys(frame["condition"]))
@@ -378,11 +390,6 @@ def parse_range(text: str, n_layers: int) -> tuple[int, ...]:
 
 def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=None):
     """Full pipeline with a run record; every check happens before anything is written."""
-    from rloop.experiments.contraction import _markdown_table
-    from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
-    from rloop.interventions.engine import check_mode_for_point, resolve_layers
-    from rloop.interventions.kv_cache import DEFAULT_ALPHAS, default_patch_layers
-    from rloop.prompts import check_window
 
     sampling = config.sampling()
     if config.max_new_tokens < config.window:
@@ -395,8 +402,6 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
     pairs = make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
     if lm is None:
-        from rloop.models import load_model
-
         lm = load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )

@@ -42,19 +42,15 @@ from rloop.adapters import HEAD_POINTS
 from rloop.capture.batching import encode, gather_windows
 from rloop.capture.trace import EditFn, Trace, address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.causal import (
-    CausalSettings,
-    clean_r_v,
-    markdown_table,
-    model_line,
-    parse_heads,
-    prepare,
-    record_inputs,
-)
-from rloop.interventions.edits import PatchSpec
+from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.settings import RVSettings, prepare
+from rloop.interventions.edits import PatchSpec, parse_heads
+from rloop.interventions.engine import measure_r_v
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import bootstrap_ci, transfer_percent
 from rloop.progress import progress_bar
+from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "patch"
 POSITION_POLICIES = ("window", "all")
@@ -62,7 +58,7 @@ RESIDUAL_POINTS = ("resid_pre", "resid_post")
 
 
 @dataclass
-class PatchConfig(CausalSettings):
+class PatchConfig(RVSettings):
     heads: str | None = None  # "15.4,16.2": per-head patch of `point`
     layers: list[int] | None = None  # whole-point patch at these layers
     point: str | None = None  # default z with heads, resid_pre with layers
@@ -305,7 +301,6 @@ def make_pairs(prepared, config: PatchConfig) -> list:
 
 def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
     """``rloop patch``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.runner import execute
 
     if config.source_group == config.target_group:
         raise ConfigError("--source-group and --target-group must differ")
@@ -339,8 +334,12 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
         started = time.perf_counter()
         src_batch = encode(lm.tokenizer, [s.text for s, _ in pairs], lm.device)
         tgt_batch = encode(lm.tokenizer, [t.text for _, t in pairs], lm.device)
-        _, _, source_rv = clean_r_v(lm, src_batch, early, late, config.window, config.pr_mode)
-        _, _, target_rv = clean_r_v(lm, tgt_batch, early, late, config.window, config.pr_mode)
+        _, _, source_rv = measure_r_v(
+            lm.model, lm.adapter, src_batch, early, late, config.window, config.pr_mode
+        )
+        _, _, target_rv = measure_r_v(
+            lm.model, lm.adapter, tgt_batch, early, late, config.window, config.pr_mode
+        )
         patched = np.empty(len(pairs))
         with progress_bar("patching pairs", total=len(pairs)) as advance:
             for start in range(0, len(pairs), config.batch_size):
@@ -441,7 +440,6 @@ def describe(specs: list[PatchSpec]) -> str:
 
 
 def _plot(results, path, specs) -> None:
-    from rloop.runs.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(results))

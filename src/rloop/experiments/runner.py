@@ -1,15 +1,37 @@
-"""What every experiment does around its measurement: load prompts and model, check the
-request before anything is written, open (or resume) the run directory, record the manifest,
-write tables, summary and plots, and mark the run complete or failed."""
+"""The one runner: what every experiment does around its measurement.
+
+- :func:`execute` opens (or resumes) the run directory, calls the experiment's body, records
+  the headline and marks the run complete (or failed, with a one-line error). Everything that
+  can be rejected is checked by the caller *before* it is called, so a rejected request writes
+  nothing.
+- :func:`run_units` runs the units of work of an experiment (prompt batches, layers, head
+  chunks, generation chunks) with a progress bar, saves each finished unit's rows as a resume
+  checkpoint, and on a resumed run skips what was already done (the bar counts it as done).
+- :func:`prompt_batches` plans prompt batches of similar length whose padded token count fits
+  a memory budget (:func:`token_budget`), never only a row count.
+- :func:`record_inputs` writes the model, the prompts (with token lengths) and the R_V layers
+  into the manifest.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from rloop.errors import PromptError
+import pandas as pd
+
+from rloop.capture.batching import EncodedBatch, encode, plan_batches, token_counts
+from rloop.capture.memory import activation_bytes_per_token, default_memory_budget
+from rloop.experiments.settings import Prepared
+from rloop.models import LoadedModel
+from rloop.progress import progress_bar
+from rloop.prompts import Prompt, PromptSet, token_length_report
+from rloop.runs import Run, default_run_dir, runs_root
+
+Unit = TypeVar("Unit")
 
 
 @dataclass
@@ -19,25 +41,8 @@ class RunOutcome:
     headline: dict
 
 
-def load_prompt_set(prompts: str | None, bank_version: str = "v1", groups=None):
-    """The shipped bank (``prompts`` None) or a user file, optionally restricted to groups."""
-    from rloop.prompts import load_bank, load_prompt_file
-
-    prompt_set = load_bank(bank_version) if prompts is None else load_prompt_file(prompts)
-    if groups:
-        missing = sorted(set(groups) - set(prompt_set.groups()))
-        if missing:
-            raise PromptError(
-                f"group(s) {', '.join(missing)} not in the prompt set; "
-                f"available: {', '.join(prompt_set.groups())}"
-            )
-        prompt_set = prompt_set.select(groups)
-    if len(prompt_set) == 0:
-        raise PromptError("the prompt set is empty: pass a file with at least one prompt")
-    return prompt_set
-
-
-def model_manifest(lm) -> dict:
+def model_manifest(lm: LoadedModel) -> dict:
+    """The model as the manifest records it (name, source, revision, weights hash, sizes)."""
     return {
         "name": lm.name,
         "source": lm.source,
@@ -54,9 +59,8 @@ def model_manifest(lm) -> dict:
     }
 
 
-def prompts_manifest(prompt_set, tokenizer) -> dict:
-    from rloop.prompts import token_length_report
-
+def prompts_manifest(prompt_set: PromptSet, tokenizer) -> dict:
+    """The prompt set as the manifest records it (source, version, sha256, token lengths)."""
     report = token_length_report(prompt_set, tokenizer)
     return {
         "source": str(prompt_set.source),
@@ -68,22 +72,25 @@ def prompts_manifest(prompt_set, tokenizer) -> dict:
     }
 
 
+def record_inputs(run: Run, prepared: Prepared, **extra: object) -> None:
+    """Model, prompts and R_V layers (with their rule) into the run manifest."""
+    run.set_model(model_manifest(prepared.lm))
+    run.set_prompts(prompts_manifest(prepared.prompts, prepared.lm.tokenizer))
+    run.update_manifest(
+        layers={"early": prepared.early, "late": prepared.late, "rule": prepared.rule}, **extra
+    )
+
+
 def execute(
     experiment: str,
     config: dict,
     model_name: str,
     out: Path | None,
-    body: Callable[..., dict],
+    body: Callable[[Run], dict],
     *,
     force: bool = False,
 ) -> RunOutcome:
-    """Open the run directory and call ``body(run)``; ``body`` returns the headline metrics.
-
-    Everything that can be rejected (bad settings, prompts, model) must be checked by the
-    caller before this is called, so that a rejected request writes nothing.
-    """
-    from rloop.runs import Run, default_run_dir, runs_root
-
+    """Open the run directory and call ``body(run)``; ``body`` returns the headline metrics."""
     run_dir = (
         Path(out)
         if out is not None
@@ -97,3 +104,85 @@ def execute(
         run.update_manifest(headline=headline, wall_seconds=time.time() - started)
         run.complete()
     return RunOutcome(run_dir, False, headline)
+
+
+def run_units(
+    run: Run | None,
+    units: Sequence[Unit],
+    compute: Callable[[Unit], pd.DataFrame],
+    key: Callable[[Unit], str],
+    label: str,
+    weight: Callable[[Unit], int] = lambda unit: 1,
+) -> pd.DataFrame:
+    """Rows of every unit, computing only those not finished in an earlier session.
+
+    compute(unit) returns the unit's tidy rows; they are saved as checkpoint ``key(unit)``
+    when ``run`` is given. The progress bar advances by ``weight(unit)`` per unit (e.g. its
+    number of prompts) and starts at what a resumed run had already done. Returns the rows of
+    all units, in the order of ``units``.
+    """
+    done = run.finished_keys() if run is not None else set()
+    frames: dict[str, pd.DataFrame] = {}
+    total = sum(weight(unit) for unit in units)
+    with progress_bar(label, total=total) as advance:
+        advance(sum(weight(unit) for unit in units if key(unit) in done))
+        for unit in units:
+            name = key(unit)
+            if name in done:
+                continue
+            rows = compute(unit)
+            if run is not None:
+                run.save_partial(name, rows)
+            frames[name] = rows
+            advance(weight(unit))
+    if run is not None and done:
+        saved = run.load_partial_frames({key(unit) for unit in units} & done)
+        frames = {**saved, **frames}
+    ordered = [frames[key(unit)] for unit in units if key(unit) in frames]
+    ordered = [frame for frame in ordered if len(frame.columns)]
+    return pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame()
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """One batch of prompts: its number (the checkpoint key), positions in the set, prompts."""
+
+    number: int
+    indices: list[int]
+    prompts: list[Prompt]
+
+    @property
+    def key(self) -> str:
+        return f"batch-{self.number:05d}"
+
+    def encode(self, lm: LoadedModel) -> EncodedBatch:
+        return encode(lm.tokenizer, [p.text for p in self.prompts], lm.device)
+
+
+def token_budget(lm: LoadedModel, width: int, memory_bytes: int | None = None) -> int:
+    """Padded tokens one forward may hold: the memory budget over the activation bytes of a
+    ``width``-token row-token (a quarter of free GPU memory, 1 GiB on the CPU by default)."""
+    budget = memory_bytes if memory_bytes is not None else default_memory_budget(lm.device)
+    per_token = activation_bytes_per_token(lm.model, lm.adapter, width)
+    return max(width, budget // max(1, per_token))
+
+
+def prompt_batches(
+    lm: LoadedModel, prompts: Sequence[Prompt], batch_size: int, max_tokens: int | None = None
+) -> list[PromptBatch]:
+    """Batches of similar-length prompts: at most ``batch_size`` rows and at most
+    ``max_tokens`` padded tokens each (default: :func:`token_budget` of the longest prompt)."""
+    prompts = list(prompts)
+    lengths = token_counts(lm.tokenizer, [p.text for p in prompts])
+    if max_tokens is None and lengths:
+        max_tokens = token_budget(lm, max(lengths))
+    plan = plan_batches(lengths, batch_size, max_tokens)
+    return [
+        PromptBatch(number, indices, [prompts[i] for i in indices])
+        for number, indices in enumerate(plan)
+    ]
+
+
+def encode_prompts(lm: LoadedModel, prompts: PromptSet | Sequence[Prompt]) -> EncodedBatch:
+    """All ``prompts`` as one right-padded batch on the model's device."""
+    return encode(lm.tokenizer, [p.text for p in prompts], lm.device)

@@ -23,21 +23,18 @@ import pandas as pd
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
-from rloop.experiments.causal import (
-    CausalSettings,
-    markdown_table,
-    model_line,
-    prepare,
-    record_inputs,
-)
+from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.settings import RVSettings, prepare
 from rloop.interventions.gradients import head_gradients
 from rloop.progress import progress_bar
+from rloop.runs import plots as plotting
+from rloop.runs.markdown import markdown_table, model_line
 
 EXPERIMENT = "saliency"
 
 
 @dataclass
-class SaliencyConfig(CausalSettings):
+class SaliencyConfig(RVSettings):
     layers: list[int] | None = None  # None = every layer
     batch_size: int = 4
     top_k: int = 10
@@ -80,7 +77,6 @@ def per_head_rows(values: dict[str, np.ndarray], prompts, layers, n_heads, late)
 
 def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None):
     """``rloop saliency``: returns (run_dir, already_complete, headline)."""
-    from rloop.experiments.runner import execute
 
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
@@ -139,7 +135,6 @@ def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None)
 
 
 def plot_head_heatmap(heads, column, layers, n_heads, path, title, center=False) -> None:
-    from rloop.runs import plots as plotting
 
     grid = np.full((len(layers), n_heads), np.nan)
     for row in heads.itertuples():

@@ -23,7 +23,29 @@ from pathlib import Path
 import pandas as pd
 
 from rloop.errors import ConfigError, RloopError
-from rloop.experiments.gain import check_unique, default_loader, free_model
+from rloop.experiments.contraction import (
+    ContractionConfig,
+    _markdown_table,
+    run_contraction,
+    validate_config,
+)
+from rloop.experiments.executors import LocalExecutor
+from rloop.experiments.gain import (
+    GainConfig,
+    check_unique,
+    default_loader,
+    free_model,
+    h25_predictions,
+    plot_h25,
+    rho_gain_correlations,
+    run_gain,
+)
+from rloop.experiments.settings import load_prompt_set
+from rloop.interventions.engine import check_mode_for_point
+from rloop.models.architecture import count_parameters
+from rloop.runs import Run, default_run_dir, runs_root
+from rloop.runs import plots as plotting
+from rloop.runs.store import atomic_write_text, config_hash, one_line_error
 
 JOB_FILE = "job.json"
 SCALING = "scaling"
@@ -120,14 +142,12 @@ def step_of(text: str | None) -> int | None:
 
 
 def failed_result(job: SweepJob, error: BaseException) -> JobResult:
-    from rloop.runs.store import one_line_error
 
     return JobResult(job.key, "failed", error=one_line_error(error), run_dir=job.out)
 
 
 def _read_job_file(job: SweepJob) -> JobResult | None:
     """The recorded result of a job whose child run is complete with the same config."""
-    from rloop.runs.store import config_hash
 
     path = Path(job.out) / JOB_FILE
     try:
@@ -175,8 +195,6 @@ def evict_checkpoint(path: str | Path, mode: str) -> list[str]:
 
 def run_job(job: SweepJob, loader: Callable | None = None) -> JobResult:
     """Run one sweep job (in this process or a Ray worker); never raises for job failures."""
-    from rloop.models.architecture import count_parameters
-    from rloop.runs.store import atomic_write_text
 
     recorded = _read_job_file(job)
     if recorded is not None:
@@ -225,16 +243,12 @@ def _evict_quietly(job: SweepJob, snapshot_path) -> list[str]:
 
 def _run_experiment(job: SweepJob, lm) -> dict[str, list[dict]]:
     if job.experiment == "contraction":
-        from rloop.experiments.contraction import ContractionConfig, run_contraction
-
         run_dir, _, _ = run_contraction(ContractionConfig(**job.config), out=Path(job.out), lm=lm)
         return {
             "contrasts": _records(run_dir / "contrasts.parquet"),
             "groups": _records(run_dir / "groups.parquet"),
         }
     if job.experiment == "gain":
-        from rloop.experiments.gain import GainConfig, run_gain
-
         run_dir, _, _ = run_gain(
             GainConfig(**job.config), out=Path(job.out), loader=lambda *a, **k: lm
         )
@@ -253,7 +267,8 @@ def _records(path: Path) -> list[dict]:
 
 
 def _contraction_config(settings: ContractionSettings, model: str, revision) -> dict:
-    return {"model": model, "revision": revision, **asdict(settings)}
+    """The job's full contraction config (defaults filled in: hashes like the child run's)."""
+    return ContractionConfig(model=model, revision=revision, **asdict(settings)).to_dict()
 
 
 def _gain_config(settings: ContractionSettings, model: str, revision) -> dict:
@@ -332,9 +347,6 @@ def checkpoint_jobs(config: CheckpointConfig, sweep_dir: Path) -> list[SweepJob]
 
 
 def _validate_settings(settings: ContractionSettings) -> None:
-    from rloop.experiments.contraction import ContractionConfig, validate_config
-    from rloop.experiments.runner import load_prompt_set
-    from rloop.interventions.engine import check_mode_for_point
 
     validate_config(ContractionConfig(**_contraction_config(settings, "-", None)))
     check_mode_for_point(settings.point, settings.pr_modes)
@@ -364,9 +376,6 @@ def _run_sweep(
     loader: Callable | None,
 ) -> SweepOutcome:
     import functools
-
-    from rloop.experiments.executors import LocalExecutor
-    from rloop.runs import Run, default_run_dir, runs_root
 
     _validate_settings(settings)
     run_dir = (
@@ -467,7 +476,6 @@ def scaling_table(status: pd.DataFrame, contrasts: pd.DataFrame) -> pd.DataFrame
 
 def plot_scaling(table: pd.DataFrame, path: Path) -> Path:
     """R_V (recursive, baseline) and contraction % vs parameter count (log x), per PR mode."""
-    from rloop.runs import plots as plotting
 
     plt = plotting.plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -491,8 +499,6 @@ def plot_scaling(table: pd.DataFrame, path: Path) -> Path:
 
 
 def _write_scaling(run, status, tables, failed, config: ScalingConfig) -> dict:
-    from rloop.experiments.contraction import _markdown_table
-    from rloop.experiments.gain import GainConfig
 
     table = scaling_table(status, tables["contrasts"])
     run.write_table("jobs", status)
@@ -526,7 +532,6 @@ def _write_scaling(run, status, tables, failed, config: ScalingConfig) -> dict:
 
 def _write_gain_subset(run, models, curves, gain_config) -> pd.DataFrame:
     """H25 tables and plot over the gain jobs (curves stand in for per-prompt layers)."""
-    from rloop.experiments.gain import h25_predictions, plot_h25, rho_gain_correlations
 
     predictions, _ = h25_predictions(models, gain_config.rho_threshold)
     correlations = rho_gain_correlations(models, gain_config.n_boot, gain_config.seed)
@@ -580,7 +585,6 @@ def checkpoint_table(contrasts: pd.DataFrame) -> pd.DataFrame:
 
 def plot_checkpoints(table: pd.DataFrame, groups: pd.DataFrame, path: Path) -> Path:
     """Mean R_V per group and the gap vs training step (symlog x: step 0 is drawn)."""
-    from rloop.runs import plots as plotting
 
     plt = plotting.plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -611,7 +615,6 @@ def plot_checkpoints(table: pd.DataFrame, groups: pd.DataFrame, path: Path) -> P
 
 
 def _write_checkpoints(run, status, tables, failed, config: CheckpointConfig) -> dict:
-    from rloop.experiments.contraction import _markdown_table
 
     table = checkpoint_table(tables["contrasts"])
     groups = tables["groups"]

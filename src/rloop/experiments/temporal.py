@@ -17,7 +17,14 @@ import pandas as pd
 from rloop.capture.generation import SamplingConfig, generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError
+from rloop.experiments.contraction import _markdown_table
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.settings import load_prompt_set
+from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.metrics import r_v, window_pr
+from rloop.models import load_model
+from rloop.prompts import check_window
+from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "temporal"
 SCOPE_ALL = "prompt+generated"
@@ -97,7 +104,6 @@ def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: i
 
 
 def plot_curves(curves: pd.DataFrame, path):
-    from rloop.runs.plots import _save, plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, scope in zip(axes, (SCOPE_ALL, SCOPE_GENERATED), strict=True):
@@ -114,10 +120,6 @@ def plot_curves(curves: pd.DataFrame, path):
 
 def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None):
     """Full pipeline with a run record; checks happen before anything is written."""
-    from rloop.experiments.contraction import _markdown_table
-    from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
-    from rloop.interventions.engine import check_mode_for_point, resolve_layers
-    from rloop.prompts import check_window
 
     config.sampling()
     if config.window < 2:
@@ -128,8 +130,6 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
     groups = config.groups or [config.recursive_group, config.baseline_group]
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
     if lm is None:
-        from rloop.models import load_model
-
         lm = load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )

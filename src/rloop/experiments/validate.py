@@ -26,6 +26,7 @@ import pandas as pd
 
 from rloop.capture.generation import SamplingConfig
 from rloop.errors import ConfigError
+from rloop.experiments.contraction import ContractionConfig, _markdown_table, measure_contraction
 from rloop.experiments.kv_patch import (
     NATURAL_SOURCE,
     NATURAL_TARGET,
@@ -39,12 +40,18 @@ from rloop.experiments.kv_patch import (
     run_grid,
     transfer_table,
 )
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.settings import load_prompt_set
+from rloop.interventions.engine import resolve_layers
 from rloop.interventions.kv_cache import (
     check_alpha,
     check_layer_range,
     default_patch_layers,
     scale_layer_range,
 )
+from rloop.models import load_model
+from rloop.prompts import check_window
+from rloop.runs import plots as plotting
 
 EXPERIMENT = "validate"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "validate_default.toml"
@@ -272,8 +279,6 @@ class ValidateResult:
 
 def run_phases(lm, prompt_set, config: ValidateConfig) -> ValidateResult:
     """All four phases on a loaded model (no run directory)."""
-    from rloop.experiments.contraction import ContractionConfig, measure_contraction
-    from rloop.interventions.engine import resolve_layers
 
     timings = {}
     started = time.perf_counter()
@@ -412,7 +417,6 @@ PHASE_TITLES = {
 
 
 def report_markdown(result: ValidateResult, config: ValidateConfig, model_line: str) -> str:
-    from rloop.experiments.contraction import _markdown_table
 
     ranges = ", ".join(f"{k} {_fmt_range(v)}" for k, v in result.ranges.items())
     lines = [
@@ -457,7 +461,6 @@ def report_markdown(result: ValidateResult, config: ValidateConfig, model_line: 
 
 
 def _phase_tables(result: ValidateResult) -> dict[str, str]:
-    from rloop.experiments.contraction import _markdown_table
 
     c = result.contraction.contrasts
     keep = [
@@ -514,9 +517,6 @@ def run_validate(
     config: ValidateConfig, out: Path | None = None, force: bool = False, lm=None
 ) -> tuple[Path, bool, dict]:
     """The full 4-phase run with a run record; all checks happen before anything is written."""
-    from rloop.experiments.runner import execute, load_prompt_set, model_manifest, prompts_manifest
-    from rloop.interventions.engine import resolve_layers
-    from rloop.prompts import check_window
 
     check_validate_config(config)
     prompt_set = load_prompt_set(config.prompts, config.bank_version)
@@ -528,8 +528,6 @@ def run_validate(
         )
     make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
     if lm is None:
-        from rloop.models import load_model
-
         lm = load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
@@ -548,7 +546,6 @@ def run_validate(
         run.write_table("correlations", result.correlations)
         run.write_table("dose_response", result.dose_response)
         run.write_table("verdicts", result.verdicts)
-        from rloop.runs import plots as plotting
 
         plotting.r_v_by_group(result.contraction.results, run.plot_path("phase1_r_v_by_group"))
         plot_transfer(result.transfer, run.plot_path("transfer"))

@@ -178,3 +178,87 @@ def mean_activations(
             sums[layer] = sums.get(layer, 0) + total
         count += int(mask.sum())
     return {layer: (total / count).to(torch.float32) for layer, total in sums.items()}
+
+
+HeadList = list[tuple[int, int]]
+
+
+def check_ablation_mode(mode: str, unit: str = "query") -> None:
+    """One-line errors for an unknown ablation mode or head unit."""
+    if mode not in ABLATION_MODES:
+        raise ConfigError(f"unknown ablation mode {mode!r}: choose {' or '.join(ABLATION_MODES)}")
+    if unit not in HEAD_UNITS:
+        raise ConfigError(f"unknown head unit {unit!r}: choose query or kv_group")
+
+
+def parse_heads(text: str) -> HeadList:
+    """'15.4,16.2' -> [(15, 4), (16, 2)] (layer.head); ConfigError for anything else."""
+    heads: HeadList = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        pieces = part.split(".")
+        if len(pieces) != 2 or not all(p.strip().isdigit() for p in pieces):
+            raise ConfigError(
+                f"cannot read head {part!r}: write heads as LAYER.HEAD, e.g. 15.4,16.2"
+            )
+        heads.append((int(pieces[0]), int(pieces[1])))
+    if not heads:
+        raise ConfigError("no heads given: write heads as LAYER.HEAD, e.g. --heads 15.4,16.2")
+    return sorted(set(heads))
+
+
+def check_head_list(adapter: Adapter, heads: HeadList, unit: str = "query") -> HeadList:
+    """Range-check every (layer, head) of ``unit``; returns them sorted and de-duplicated."""
+    for layer, head in heads:
+        check_heads(adapter, layer, [head], unit)
+    return sorted(set(heads))
+
+
+def group_ablation_edits(
+    adapter: Adapter, heads: HeadList, unit: str = "query", mean_z=None
+) -> dict[str, EditFn]:
+    """Edits that ablate several (layer, head) pairs together (one z edit per layer)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    edits = {}
+    for layer, hs in by_layer.items():
+        hs = check_heads(adapter, layer, hs, unit)
+        keep = keep_mask(adapter, [hs], unit)  # (1, H)
+        edits[address(layer, "z")] = head_ablation_edit(
+            keep, None if mean_z is None else mean_z[layer]
+        )
+    return edits
+
+
+COMPONENT_POINTS = {"attn": "attn_out", "mlp": "mlp_out"}
+
+
+def layer_ablation_edits(layer: int, component: str = "attn_out", mean=None) -> dict[str, EditFn]:
+    """Edits that remove a whole attention block output (or MLP output) at ``layer``."""
+    if component not in COMPONENT_POINTS.values():
+        raise ConfigError(f"component must be attn_out or mlp_out, got {component!r}")
+    return {address(layer, component): component_ablation_edit(mean)}
+
+
+def stacked_head_edits(
+    adapter: Adapter,
+    head_sets: Sequence[HeadList],
+    rows_per_variant: int,
+    unit: str = "query",
+    mean_z: dict[int, torch.Tensor] | None = None,
+) -> dict[str, EditFn]:
+    """Per-row edits for variants stacked along the batch: variant i (rows i*P .. i*P+P-1)
+    has the heads of ``head_sets[i]`` ablated together (a keep-mask per layer touched)."""
+    layers = sorted({layer for heads in head_sets for layer, _ in heads})
+    edits = {}
+    for layer in layers:
+        variants = [[h for lay, h in heads if lay == layer] for heads in head_sets]
+        keep = keep_mask(adapter, variants, unit)  # (N, H)
+        mean = None if mean_z is None else mean_z[layer]
+        edits[address(layer, "z")] = head_ablation_edit(
+            keep, mean, rows_per_variant=rows_per_variant
+        )
+    return edits

@@ -519,3 +519,21 @@ def correlation_with_ci(
         estimates[start:stop] = _pearson_rows(xs, ys)
     low, high = _percentile_interval(estimates, ci)
     return Correlation(r, p, low, high, x.size, dropped, method, ci, n_boot, seed)
+
+
+def paired_change(clean, ablated, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean clean / ablated value, mean change (ablated - clean) with bootstrap CI over
+    prompts; ``n_nan`` counts prompts whose change is undefined."""
+    clean = _values(clean)
+    ablated = _values(ablated)
+    change = ablated - clean
+    ci = bootstrap_ci(change, n_boot=n_boot, seed=seed)
+    return {
+        "n": ci.n,
+        "n_nan": ci.n_dropped,
+        "r_v_clean": float(np.nanmean(clean)) if np.isfinite(clean).any() else float("nan"),
+        "r_v_ablated": float(np.nanmean(ablated)) if np.isfinite(ablated).any() else float("nan"),
+        "mean_change": ci.estimate,
+        "ci_low": ci.low,
+        "ci_high": ci.high,
+    }

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rloop.adapters import adapter_for
 from rloop.errors import ConfigError, ModelLoadError
 from rloop.models import embedded
 from rloop.models.registry import REGISTRY, registry_entry
@@ -156,7 +157,6 @@ def _from_pretrained(source: str | Path, revision, dtype, attn, device_map=None)
 
 
 def _finish(model, tokenizer, device, dtype, device_map, **info) -> LoadedModel:
-    from rloop.adapters import adapter_for
 
     adapter = adapter_for(model)  # fails early, with the supported families, if unsupported
     if device_map is None:

@@ -16,6 +16,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import rloop
+
 RECORDED_PACKAGES = ("torch", "transformers", "numpy", "pandas", "pyarrow", "accelerate")
 
 
@@ -29,7 +31,6 @@ def package_version(name: str) -> str | None:
 
 def package_versions() -> dict[str, str | None]:
     """Versions of python, rloop and the numerical stack, e.g. ``{"python": "3.11.7", ...}``."""
-    import rloop
 
     versions: dict[str, str | None] = {
         "python": platform.python_version(),

@@ -393,6 +393,11 @@ class Run:
             return set()
         return {p.stem for p in self.partial_dir.glob("*.parquet") if not p.name.startswith(".")}
 
+    def load_partial_frames(self, keys: set[str]) -> dict[str, pd.DataFrame]:
+        """The checkpoints ``keys`` (those that exist), each as its own frame."""
+        found = self.finished_keys() & set(keys)
+        return {key: pd.read_parquet(self.partial_dir / f"{key}.parquet") for key in sorted(found)}
+
     def load_partials(self) -> pd.DataFrame:
         """All checkpoints concatenated in key order; an empty frame when there are none."""
         keys = sorted(self.finished_keys())

@@ -1,0 +1,29 @@
+"""Markdown pieces of run summaries: tables and the one-line model description."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
+    """A Markdown table of ``frame`` (floats to ``digits`` significant digits)."""
+
+    def fmt(value) -> str:
+        if isinstance(value, float | np.floating):
+            return f"{value:.{digits}g}"
+        return str(value)
+
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def model_line(lm) -> str:
+    """'name (family, L layers, H heads, K KV heads, dtype)' of a loaded model."""
+    a = lm.adapter
+    return (
+        f"{lm.name} ({a.family}, {a.n_layers} layers, {a.n_heads} heads, "
+        f"{a.n_kv_heads} KV heads, {lm.dtype})"
+    )
