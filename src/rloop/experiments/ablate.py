@@ -31,7 +31,7 @@ from rloop.models import load_model
 from rloop.progress import progress_bar
 from rloop.prompts import PromptSet, check_window
 from rloop.runs import plots as plotting
-from rloop.runs.store import read_manifest
+from rloop.runs.layout import read_manifest
 
 EXPERIMENT = "ablate"
 

@@ -40,7 +40,7 @@ from rloop.models import load_model
 from rloop.models.architecture import ArchitectureFacts, facts_of_model
 from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
-from rloop.runs.store import one_line_error
+from rloop.runs.layout import one_line_error
 
 EXPERIMENT = "gain"
 FINAL_NORM_STAGE = "final_norm"

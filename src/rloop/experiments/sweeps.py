@@ -45,7 +45,7 @@ from rloop.interventions.engine import check_mode_for_point
 from rloop.models.architecture import count_parameters
 from rloop.runs import Run, default_run_dir, runs_root
 from rloop.runs import plots as plotting
-from rloop.runs.store import atomic_write_text, config_hash, one_line_error
+from rloop.runs.layout import atomic_write_text, config_hash, one_line_error
 
 JOB_FILE = "job.json"
 SCALING = "scaling"

@@ -11,8 +11,7 @@ from rloop.runs.index import (
     resolve_run,
     show_run,
 )
-from rloop.runs.store import (
-    Run,
+from rloop.runs.layout import (
     atomic_write,
     atomic_write_text,
     config_hash,
@@ -20,6 +19,7 @@ from rloop.runs.store import (
     read_manifest,
     runs_root,
 )
+from rloop.runs.store import Run
 
 __all__ = [
     "Run",

@@ -23,7 +23,7 @@ from typing import TypeVar
 import pandas as pd
 
 from rloop.errors import RunStoreError
-from rloop.runs.store import MANIFEST_NAME, PARTIAL_DIR, json_default, read_manifest, runs_root
+from rloop.runs.layout import MANIFEST_NAME, PARTIAL_DIR, json_default, read_manifest, runs_root
 
 INDEX_NAME = "index.sqlite"
 BUSY_TIMEOUT_SECONDS = 30.0

@@ -43,7 +43,7 @@ from markupsafe import Markup
 from rloop.errors import ConfigError
 from rloop.runs.figures import CompareInput, Figure, compare_figures, format_number, run_figures
 from rloop.runs.index import flatten, index_path, list_runs
-from rloop.runs.store import (
+from rloop.runs.layout import (
     MANIFEST_NAME,
     PARTIAL_DIR,
     PLOTS_DIR,
