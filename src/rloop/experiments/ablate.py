@@ -11,7 +11,7 @@ marked ``computed = False``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,9 @@ from scipy import stats as sps
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, RunStoreError
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
-from rloop.experiments.settings import load_prompt_set
-from rloop.interventions.edits import ABLATION_MODES, HEAD_UNITS, HeadList, mean_activations
-from rloop.interventions.engine import check_mode_for_point, resolve_layers
+from rloop.experiments.settings import RVSettings, check_settings, load_prompt_set
+from rloop.interventions.edits import HeadList, check_ablation_mode, mean_activations
+from rloop.interventions.engine import resolve_layers
 from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics import r_v
 from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
@@ -37,44 +37,22 @@ EXPERIMENT = "ablate"
 
 
 @dataclass
-class AblationConfig:
-    """Settings of the head-ablation sweep (defaults match ``rloop ablate``)."""
+class AblationConfig(RVSettings):
+    """Settings of the head-ablation sweep (defaults match ``rloop ablate``); ``groups`` None
+    = ["L5"] from the bank, all groups of a user file."""
 
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    prompts: str | None = None
-    bank_version: str = "v1"
-    groups: list[str] | None = None  # None = ["L5"] from the bank, all groups of a user file
-    max_prompts: int | None = 10
     layers: list[int] | None = None  # layers whose heads are swept; None = all
     mode: str = "zero"  # zero | mean
     reference_group: str = "factual"  # mean-ablation reference set (from the same source)
-    measure_layers: list[int] | None = None  # [early, late]; None = depth fractions
-    window: int = 16
-    pr_mode: str = "per-head"
     unit: str = "query"  # query | kv_group
     top_k: int = 10
     max_rows: int | None = None  # cap on stacked rows; None = memory budget
     kl: bool = False  # also last-token KL(clean || ablated), through the LM head
-    n_boot: int = 2000
-    seed: int = 0
-    dtype: str | None = None
-    device: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def validate_config(config: AblationConfig) -> None:
-    if config.mode not in ABLATION_MODES:
-        raise ConfigError(f"unknown ablation mode {config.mode!r}: choose zero or mean")
-    if config.unit not in HEAD_UNITS:
-        raise ConfigError(f"unknown head unit {config.unit!r}: choose query or kv_group")
-    if config.window < 2:
-        raise ConfigError(f"window must be at least 2 tokens, got {config.window}")
-    if config.max_prompts is not None and config.max_prompts < 1:
-        raise ConfigError(f"--max-prompts must be at least 1, got {config.max_prompts}")
-    check_mode_for_point("v", [config.pr_mode])
+    check_ablation_mode(config.mode, config.unit)
+    check_settings(config)
 
 
 def sweep_table(result, prompt_ids: list[str], mode: str, unit: str, pr_mode: str) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.contraction import _markdown_table
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
-from rloop.experiments.settings import load_prompt_set
+from rloop.experiments.settings import GenerationSettings, load_prompt_set
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.interventions.kv_cache import (
     DEFAULT_ALPHAS,
@@ -335,42 +335,18 @@ EXPERIMENT = "kv-patch"
 
 
 @dataclass
-class KVPatchConfig:
+class KVPatchConfig(GenerationSettings):
     """Layer-range KV patching and causal loop closure over (baseline, recursive) pairs.
 
     ranges: layer ranges like "15-29", "25", "23-27"; empty = the second half of the layers.
     Every range is run at every alpha; natural target/source and V-patching rows are added.
     """
 
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    prompts: str | None = None
-    bank_version: str = "v1"
-    recursive_group: str = "L5"
-    baseline_group: str = "factual"
     n_pairs: int = 10
     ranges: list[str] | None = None
     alphas: list[float] | None = None
-    layers: list[int] | None = None  # [early, late] of R_V
-    window: int = 16
-    pr_mode: str = "per-head"
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
     max_batch_rows: int = 128
     semantic: str = "auto"
-    n_boot: int = 2000
-    dtype: str | None = None
-    device: str | None = None
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
 def parse_range(text: str, n_layers: int) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from rloop.capture.generation import SamplingConfig
 from rloop.errors import ConfigError, PromptError
 from rloop.interventions.edits import mean_activations
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
@@ -59,6 +60,24 @@ class RVSettings(Settings):
     max_prompts: int | None = 10
     measure_layers: list[int] | None = None  # [early, late]; None = depth fractions
     pr_mode: str = "per-head"
+
+
+@dataclass
+class GenerationSettings(Settings):
+    """Settings of an experiment that generates from recursive and baseline prompts and
+    measures R_V on the generated windows."""
+
+    recursive_group: str = "L5"
+    baseline_group: str = "factual"
+    layers: list[int] | None = None  # [early, late] of R_V; None = depth fractions
+    pr_mode: str = "per-head"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def sampling(self) -> SamplingConfig:
+        """Greedy (temperature 0) or seeded sampling of ``max_new_tokens`` tokens."""
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
 @dataclass

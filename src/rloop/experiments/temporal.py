@@ -9,17 +9,17 @@ with standard error, and a plot.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from rloop.capture.generation import SamplingConfig, generate, pad_id_of, tokenize_rows
+from rloop.capture.generation import generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError
 from rloop.experiments.contraction import _markdown_table
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
-from rloop.experiments.settings import load_prompt_set
+from rloop.experiments.settings import GenerationSettings, load_prompt_set
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.metrics import r_v, window_pr
 from rloop.models import load_model
@@ -32,30 +32,11 @@ SCOPE_GENERATED = "generated"
 
 
 @dataclass
-class TemporalConfig:
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    prompts: str | None = None
-    bank_version: str = "v1"
-    groups: list[str] | None = None  # None = recursive_group and baseline_group
-    recursive_group: str = "L5"
-    baseline_group: str = "factual"
-    layers: list[int] | None = None
-    window: int = 16
-    pr_mode: str = "per-head"
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+class TemporalConfig(GenerationSettings):
+    """R_V after every generated token (defaults match ``rloop temporal``); ``groups`` None =
+    recursive_group and baseline_group."""
+
     batch_size: int = 24
-    dtype: str | None = None
-    device: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
 def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: int):
