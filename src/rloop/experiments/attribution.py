@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rloop.capture.batching import encode
 from rloop.errors import ConfigError
 from rloop.experiments.ablate import read_sweep, sweep_table
-from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.runner import encode_prompts, execute, record_inputs
 from rloop.experiments.saliency import gradient_tables, per_head_rows, plot_head_heatmap
 from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
 from rloop.interventions.edits import check_ablation_mode
@@ -84,26 +83,7 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
         )
         gradient_s = time.perf_counter() - started
         if sweep is None:
-            started = time.perf_counter()
-            batch = encode(lm.tokenizer, [p.text for p in prompts], lm.device)
-            with progress_bar("exact sweep", total=1) as advance:
-                result = head_sweep(
-                    lm.model,
-                    lm.adapter,
-                    batch,
-                    layers,
-                    early,
-                    late,
-                    config.window,
-                    modes=[config.pr_mode],
-                    mean_z=mean_z,
-                    max_rows=config.max_rows,
-                )
-                advance(1)
-            exact_s = time.perf_counter() - started
-            exact = sweep_table(
-                result, [p.id for p in prompts], config.mode, "query", config.pr_mode
-            )
+            exact, exact_s = _exact_sweep(lm, prompts, layers, early, late, config, mean_z)
         else:
             exact, exact_s = sweep[0], float(sweep[2].get("timings", {}).get("sweep_s", np.nan))
         results = per_head_rows({"attribution": att}, prompts, layers, lm.adapter.n_heads, late)
@@ -112,53 +92,7 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
             on=["prompt_id", "layer", "head"],
             how="left",
         )
-        heads = (
-            results.groupby(["layer", "head"], sort=True)
-            .agg(
-                attribution_mean=("attribution", "mean"),
-                exact_mean=("exact", "mean"),
-                computed=("computed", "first"),
-            )
-            .reset_index()
-        )
-        computed = heads[heads["computed"]]
-        corr = correlation_with_ci(
-            computed["attribution_mean"],
-            computed["exact_mean"],
-            "spearman",
-            n_boot=config.n_boot,
-            seed=config.seed,
-        )
-        pearson = correlation_with_ci(
-            computed["attribution_mean"],
-            computed["exact_mean"],
-            "pearson",
-            n_boot=config.n_boot,
-            seed=config.seed,
-        )
-        heads["attribution_rank"] = (
-            heads["attribution_mean"].abs().rank(ascending=False, method="first").astype(int)
-        )
-        heads["exact_rank"] = (
-            heads["exact_mean"].abs().rank(ascending=False, method="first").astype(int)
-        )
-        heads = heads.sort_values("exact_rank", ignore_index=True)
-        k = min(config.top_k, len(computed))
-        top_exact = set(heads.nsmallest(k, "exact_rank")[["layer", "head"]].itertuples(index=False))
-        top_att = set(
-            heads.nsmallest(k, "attribution_rank")[["layer", "head"]].itertuples(index=False)
-        )
-        overlap = len(top_exact & top_att)
-        agreement = pd.DataFrame(
-            [
-                {
-                    "method": m,
-                    **{key: c.to_dict()[key] for key in ("r", "p", "ci_low", "ci_high", "n")},
-                }
-                for m, c in (("spearman", corr), ("pearson", pearson))
-            ]
-            + [{"method": f"top-{k} overlap", "r": overlap / k if k else np.nan, "n": k}]
-        )
+        heads, computed, corr, agreement, k, overlap = head_agreement(results, config)
         agreement["gradient_seconds"] = gradient_s
         agreement["exact_seconds"] = exact_s
         run.write_table("results", results)
@@ -189,6 +123,73 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
 
     outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
     return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def _exact_sweep(lm, prompts, layers, early, late, config, mean_z) -> tuple[pd.DataFrame, float]:
+    """The exact sweep's per-prompt table on the same prompts, and its seconds."""
+    started = time.perf_counter()
+    batch = encode_prompts(lm, prompts)
+    with progress_bar("exact sweep", total=1) as advance:
+        result = head_sweep(
+            lm.model,
+            lm.adapter,
+            batch,
+            layers,
+            early,
+            late,
+            config.window,
+            modes=[config.pr_mode],
+            mean_z=mean_z,
+            max_rows=config.max_rows,
+        )
+        advance(1)
+    exact = sweep_table(result, [p.id for p in prompts], config.mode, "query", config.pr_mode)
+    return exact, time.perf_counter() - started
+
+
+def head_agreement(results: pd.DataFrame, config: AttributionConfig):
+    """Per head: mean attribution and exact impact with their ranks; Spearman and Pearson of
+    the two over computed heads (bootstrap CIs over heads) and the top-k overlap.
+
+    Returns (heads, computed heads, Spearman, agreement table, k, overlap).
+    """
+    heads = (
+        results.groupby(["layer", "head"], sort=True)
+        .agg(
+            attribution_mean=("attribution", "mean"),
+            exact_mean=("exact", "mean"),
+            computed=("computed", "first"),
+        )
+        .reset_index()
+    )
+    computed = heads[heads["computed"]]
+    corr, pearson = (
+        correlation_with_ci(
+            computed["attribution_mean"],
+            computed["exact_mean"],
+            method,
+            n_boot=config.n_boot,
+            seed=config.seed,
+        )
+        for method in ("spearman", "pearson")
+    )
+    for column in ("attribution", "exact"):
+        heads[f"{column}_rank"] = (
+            heads[f"{column}_mean"].abs().rank(ascending=False, method="first").astype(int)
+        )
+    heads = heads.sort_values("exact_rank", ignore_index=True)
+    k = min(config.top_k, len(computed))
+    top_exact = set(heads.nsmallest(k, "exact_rank")[["layer", "head"]].itertuples(index=False))
+    top_att = set(heads.nsmallest(k, "attribution_rank")[["layer", "head"]].itertuples(index=False))
+    overlap = len(top_exact & top_att)
+    agreement = pd.DataFrame(
+        [
+            {"method": m, **{key: c.to_dict()[key] for key in ("r", "p", "ci_low", "ci_high", "n")}}
+            for m, c in (("spearman", corr), ("pearson", pearson))
+        ]
+        + [{"method": f"top-{k} overlap", "r": overlap / k if k else np.nan, "n": k}]
+    )
+    return heads, computed, corr, agreement, k, overlap
 
 
 def _check_sweep_matches(sweep, config: AttributionConfig, prepared, layers) -> None:

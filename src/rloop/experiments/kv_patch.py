@@ -364,6 +364,47 @@ def parse_range(text: str, n_layers: int) -> tuple[int, ...]:
     return check_layer_range(n_layers, layers)
 
 
+def _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, corr, doses) -> str:
+    """summary.md of a kv-patch run: setup, transfer table, R_V vs behaviour, dose-response."""
+    cols = [
+        "condition",
+        "metric",
+        "n",
+        "mean",
+        "gap",
+        "noise",
+        "transfer_pct",
+        "transfer_undefined",
+    ]
+    summary = [
+        "# KV-cache patching",
+        "",
+        f"- model: {lm.name}; R_V = PR(V L{late}) / PR(V L{early}) over the last "
+        f"{config.window} generated tokens; {config.n_pairs} pairs "
+        f"({config.baseline_group} target <- {config.recursive_group} source)",
+        f"- ranges: {', '.join(ranges)}; alphas: {alphas}; sampling: {sampling.to_dict()}",
+        "- alignment: memories right-aligned on their last token, target mask "
+        "(see rloop.interventions.kv_cache)",
+        "",
+        "## Transfer",
+        "",
+        _markdown_table(transfer[cols]),
+        "",
+        "## R_V vs behaviour",
+        "",
+        _markdown_table(corr[["method", "r", "p", "ci_low", "ci_high", "n"]]),
+        "",
+    ]
+    if not doses.empty:
+        summary += [
+            "## Dose-response (Spearman with alpha)",
+            "",
+            _markdown_table(doses[["range", "y", "r", "p", "ci_low", "ci_high"]]),
+            "",
+        ]
+    return "\n".join(summary) + "\n"
+
+
 def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=None):
     """Full pipeline with a run record; every check happens before anything is written."""
 
@@ -428,43 +469,9 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
         for label in ranges:
             if len(alphas) > 1:
                 plot_dose_response(grid, label, run.plot_path(f"dose_response_{label}"))
-        cols = [
-            "condition",
-            "metric",
-            "n",
-            "mean",
-            "gap",
-            "noise",
-            "transfer_pct",
-            "transfer_undefined",
-        ]
-        summary = [
-            "# KV-cache patching",
-            "",
-            f"- model: {lm.name}; R_V = PR(V L{late}) / PR(V L{early}) over the last "
-            f"{config.window} generated tokens; {config.n_pairs} pairs "
-            f"({config.baseline_group} target <- {config.recursive_group} source)",
-            f"- ranges: {', '.join(ranges)}; alphas: {alphas}; sampling: {sampling.to_dict()}",
-            "- alignment: memories right-aligned on their last token, target mask "
-            "(see rloop.interventions.kv_cache)",
-            "",
-            "## Transfer",
-            "",
-            _markdown_table(transfer[cols]),
-            "",
-            "## R_V vs behaviour",
-            "",
-            _markdown_table(corr[["method", "r", "p", "ci_low", "ci_high", "n"]]),
-            "",
-        ]
-        if not doses.empty:
-            summary += [
-                "## Dose-response (Spearman with alpha)",
-                "",
-                _markdown_table(doses[["range", "y", "r", "p", "ci_low", "ci_high"]]),
-                "",
-            ]
-        run.write_summary("\n".join(summary) + "\n")
+        run.write_summary(
+            _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, corr, doses)
+        )
         run.update_manifest(
             layers={
                 "early": early,

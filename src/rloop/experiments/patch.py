@@ -42,13 +42,12 @@ from rloop.adapters import HEAD_POINTS
 from rloop.capture.batching import encode, gather_windows
 from rloop.capture.trace import EditFn, Trace, address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.runner import execute, record_inputs, run_units
 from rloop.experiments.settings import RVSettings, prepare
 from rloop.interventions.edits import PatchSpec, parse_heads
 from rloop.interventions.engine import measure_r_v
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import bootstrap_ci, transfer_percent
-from rloop.progress import progress_bar
 from rloop.runs.markdown import markdown_table, model_line
 from rloop.runs.plots import _save, plt
 
@@ -340,69 +339,40 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
         _, _, target_rv = measure_r_v(
             lm.model, lm.adapter, tgt_batch, early, late, config.window, config.pr_mode
         )
-        patched = np.empty(len(pairs))
-        with progress_bar("patching pairs", total=len(pairs)) as advance:
-            for start in range(0, len(pairs), config.batch_size):
-                chunk = pairs[start : start + config.batch_size]
-                patched[start : start + len(chunk)], _ = patched_r_v_batch(
-                    lm,
-                    [(s.text, t.text) for s, t in chunk],
-                    specs,
-                    early,
-                    late,
-                    config.window,
-                    config.pr_mode,
-                    config.positions,
-                )
-                advance(len(chunk))
+        chunks = [
+            list(range(start, min(start + config.batch_size, len(pairs))))
+            for start in range(0, len(pairs), config.batch_size)
+        ]
+
+        def patch_chunk(chunk: list[int]) -> pd.DataFrame:
+            values, _ = patched_r_v_batch(
+                lm,
+                [(pairs[i][0].text, pairs[i][1].text) for i in chunk],
+                specs,
+                early,
+                late,
+                config.window,
+                config.pr_mode,
+                config.positions,
+            )
+            return pd.DataFrame({"pair": chunk, "r_v_patched": values})
+
+        done = run_units(
+            run, chunks, patch_chunk, key=lambda c: f"pairs-{c[0]:05d}", label="patching pairs",
+            weight=len,
+        )  # fmt: skip
+        patched = done.sort_values("pair")["r_v_patched"].to_numpy(dtype=float)
         seconds = time.perf_counter() - started
         gap_ci = bootstrap_ci(source_rv - target_rv, n_boot=config.n_boot, seed=config.seed)
         noise = (gap_ci.high - gap_ci.low) / 2 if np.isfinite(gap_ci.high) else np.inf
-        rows = []
-        for i, (s, t) in enumerate(pairs):
-            value, reason = _transfer(patched[i], target_rv[i], source_rv[i], noise, circ)
-            rows.append(
-                {
-                    "pair": i,
-                    "source_id": s.id,
-                    "target_id": t.id,
-                    "n_tokens_source": src_batch.n_tokens[i],
-                    "n_tokens_target": tgt_batch.n_tokens[i],
-                    "r_v_source": source_rv[i],
-                    "r_v_target": target_rv[i],
-                    "r_v_patched": patched[i],
-                    "patch_change": patched[i] - target_rv[i],
-                    "transfer_pct": value,
-                    "transfer_note": reason,
-                    "circular": circ.circular,
-                }
-            )
-        results = pd.DataFrame(rows)
-        results["layer_early"], results["layer_late"] = early, late
-        mean_patched = float(np.nanmean(patched))
-        mean_t, mean_s = float(np.nanmean(target_rv)), float(np.nanmean(source_rv))
-        value, reason = _transfer(mean_patched, mean_t, mean_s, noise, circ)
-        change_ci = bootstrap_ci(patched - target_rv, n_boot=config.n_boot, seed=config.seed)
-        summary = pd.DataFrame(
-            [
-                {
-                    "n_pairs": len(pairs),
-                    "patch": describe(specs),
-                    "positions": config.positions,
-                    "r_v_source": mean_s,
-                    "r_v_target": mean_t,
-                    "r_v_patched": mean_patched,
-                    "patch_change": change_ci.estimate,
-                    "patch_change_ci_low": change_ci.low,
-                    "patch_change_ci_high": change_ci.high,
-                    "gap": mean_s - mean_t,
-                    "gap_noise": noise,
-                    "transfer_pct": value,
-                    "transfer_note": reason,
-                    "circular": circ.circular,
-                }
-            ]
+        results = _pair_rows(
+            pairs, src_batch, tgt_batch, source_rv, target_rv, patched, noise, circ
         )
+        results["layer_early"], results["layer_late"] = early, late
+        summary = _patch_summary(specs, config, source_rv, target_rv, patched, noise, circ)
+        row = summary.iloc[0]
+        mean_t, mean_s, mean_patched = row["r_v_target"], row["r_v_source"], row["r_v_patched"]
+        value, reason = row["transfer_pct"], row["transfer_note"]
         run.write_table("results", results)
         run.write_table("summary", summary)
         _plot(results, run.plot_path("patching"), specs)
@@ -414,11 +384,64 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
             "r_v_patched": mean_patched,
             "r_v_source": mean_s,
             "transfer_pct": value,
-            "note": reason,
+            **({"note": reason} if reason else {}),
         }
 
     outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
     return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def _pair_rows(pairs, src_batch, tgt_batch, source_rv, target_rv, patched, noise, circ):
+    """One row per (source, target) pair: the three R_V values, the change and transfer %."""
+    rows = []
+    for i, (s, t) in enumerate(pairs):
+        value, reason = _transfer(patched[i], target_rv[i], source_rv[i], noise, circ)
+        rows.append(
+            {
+                "pair": i,
+                "source_id": s.id,
+                "target_id": t.id,
+                "n_tokens_source": src_batch.n_tokens[i],
+                "n_tokens_target": tgt_batch.n_tokens[i],
+                "r_v_source": source_rv[i],
+                "r_v_target": target_rv[i],
+                "r_v_patched": patched[i],
+                "patch_change": patched[i] - target_rv[i],
+                "transfer_pct": value,
+                "transfer_note": reason,
+                "circular": circ.circular,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _patch_summary(specs, config, source_rv, target_rv, patched, noise, circ) -> pd.DataFrame:
+    """One row: mean R_V of sources, targets and patched targets, the paired change with its
+    bootstrap CI over pairs, and the transfer % of the means (undefined within noise)."""
+    mean_patched = float(np.nanmean(patched))
+    mean_t, mean_s = float(np.nanmean(target_rv)), float(np.nanmean(source_rv))
+    value, reason = _transfer(mean_patched, mean_t, mean_s, noise, circ)
+    change_ci = bootstrap_ci(patched - target_rv, n_boot=config.n_boot, seed=config.seed)
+    return pd.DataFrame(
+        [
+            {
+                "n_pairs": len(patched),
+                "patch": describe(specs),
+                "positions": config.positions,
+                "r_v_source": mean_s,
+                "r_v_target": mean_t,
+                "r_v_patched": mean_patched,
+                "patch_change": change_ci.estimate,
+                "patch_change_ci_low": change_ci.low,
+                "patch_change_ci_high": change_ci.high,
+                "gap": mean_s - mean_t,
+                "gap_noise": noise,
+                "transfer_pct": value,
+                "transfer_note": reason,
+                "circular": circ.circular,
+            }
+        ]
+    )
 
 
 def _transfer(patched, target, source, noise, circ: Circularity) -> tuple[float, str | None]:
