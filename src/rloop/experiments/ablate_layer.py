@@ -15,16 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
-from rloop.capture.batching import gather_windows
-from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError
 from rloop.experiments.runner import encode_prompts, execute, record_inputs
 from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
 from rloop.interventions.edits import check_ablation_mode, layer_ablation_edits
 from rloop.interventions.engine import measure_r_v
-from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import paired_change
 from rloop.progress import progress_bar
 from rloop.runs.markdown import markdown_table, model_line
@@ -55,17 +51,7 @@ def layer_ablation_r_v(
 ) -> np.ndarray:
     """R_V per prompt (P,) with ``point`` (attn_out | mlp_out) at ``layer`` ablated."""
     edits = layer_ablation_edits(layer, point, mean)
-    v_early, v_late = address(early, "v"), address(late, "v")
-    with (
-        torch.no_grad(),
-        Trace(
-            lm.model, lm.adapter, capture=[v_early, v_late], edits=edits, stop_after_point=v_late
-        ) as tr,
-    ):
-        lm.model(**batch.model_inputs(), use_cache=False)
-    pe = window_pr(gather_windows(tr[v_early], batch.n_tokens, window), pr_mode)  # (P,)
-    pl = window_pr(gather_windows(tr[v_late], batch.n_tokens, window), pr_mode)  # (P,)
-    return r_v(pl, pe).cpu().numpy()
+    return measure_r_v(lm.model, lm.adapter, batch, early, late, window, pr_mode, edits=edits)[2]
 
 
 def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = False, lm=None):

@@ -17,7 +17,7 @@ from rloop.capture.batching import encode, gather_windows, plan_batches, token_c
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError
 from rloop.experiments.runner import execute, record_inputs
-from rloop.experiments.settings import RVSettings, prepare
+from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import contrast
 from rloop.progress import progress_bar
@@ -67,10 +67,7 @@ def run_components(config: ComponentsConfig, out=None, force: bool = False, lm=N
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
     prepared = prepare(config, [config.recursive_group, config.baseline_group], lm)
     lm = prepared.lm
-    layers = config.layers if config.layers else list(range(lm.adapter.n_layers))
-    for layer in layers:
-        lm.adapter.check_layer(layer)
-    layers = sorted(set(layers))
+    layers = layer_list(lm.adapter, config.layers)
 
     def body(run) -> dict:
         record_inputs(run, prepared)

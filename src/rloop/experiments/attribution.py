@@ -15,7 +15,13 @@ from rloop.errors import ConfigError
 from rloop.experiments.ablate import read_sweep, sweep_table
 from rloop.experiments.runner import encode_prompts, execute, record_inputs
 from rloop.experiments.saliency import gradient_tables, per_head_rows, plot_head_heatmap
-from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
+from rloop.experiments.settings import (
+    RVSettings,
+    layer_list,
+    load_reference,
+    prepare,
+    reference_means,
+)
 from rloop.interventions.edits import check_ablation_mode
 from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics.stats import correlation_with_ci
@@ -47,10 +53,7 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
     prepared = prepare(config, ["L5"], lm)
     lm = prepared.lm
     early, late = prepared.early, prepared.late
-    layers = config.layers if config.layers else list(range(lm.adapter.n_layers))
-    for layer in layers:
-        lm.adapter.check_layer(layer)
-    layers = sorted(set(layers))
+    layers = layer_list(lm.adapter, config.layers)
     if sweep is not None:
         _check_sweep_matches(sweep, config, prepared, layers)
     reference = (

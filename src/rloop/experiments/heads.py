@@ -19,18 +19,18 @@ Welch p, and Benjamini-Hochberg adjustment over heads.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from rloop.capture.attention import eager_attention
 from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, UnsupportedArchitectureError
 from rloop.experiments.runner import execute, record_inputs
-from rloop.experiments.settings import RVSettings, prepare
+from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import benjamini_hochberg, effect_size_ci, welch_t
 from rloop.progress import progress_bar
@@ -48,21 +48,6 @@ class HeadDiagnosticsConfig(RVSettings):
     baseline_group: str = "factual"
     batch_size: int = 8
     top_k: int = 10
-
-
-@contextmanager
-def eager_attention(model):
-    """Use the eager attention implementation (which returns attention weights) inside."""
-    config = model.config
-    before = getattr(config, "_attn_implementation", None)
-    if before == "eager":
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def head_contributions(o_proj: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -172,10 +157,7 @@ def run_head_diagnostics(config: HeadDiagnosticsConfig, out=None, force: bool = 
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
     prepared = prepare(config, [config.recursive_group, config.baseline_group], lm)
     lm = prepared.lm
-    layers = config.layers if config.layers else list(range(lm.adapter.n_layers))
-    for layer in layers:
-        lm.adapter.check_layer(layer)
-    layers = sorted(set(layers))
+    layers = layer_list(lm.adapter, config.layers)
 
     def body(run) -> dict:
         record_inputs(run, prepared, diagnostic_layers=layers)

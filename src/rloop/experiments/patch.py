@@ -39,14 +39,13 @@ import pandas as pd
 import torch
 
 from rloop.adapters import HEAD_POINTS
-from rloop.capture.batching import encode, gather_windows
+from rloop.capture.batching import encode
 from rloop.capture.trace import EditFn, Trace, address
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.runner import execute, record_inputs, run_units
 from rloop.experiments.settings import RVSettings, prepare
 from rloop.interventions.edits import PatchSpec, parse_heads
-from rloop.interventions.engine import measure_r_v
-from rloop.metrics import r_v, window_pr
+from rloop.interventions.engine import measure_pr, measure_r_v
 from rloop.metrics.stats import bootstrap_ci, transfer_percent
 from rloop.runs.markdown import markdown_table, model_line
 from rloop.runs.plots import _save, plt
@@ -235,20 +234,12 @@ def patched_r_v_batch(
         point: batched_patch_edit(source_run[point], index, patched, spec.heads)
         for spec, point in zip(specs, points, strict=True)
     }
-    v_early, v_late = address(early, "v"), address(late, "v")
-    with (
-        torch.no_grad(),
-        Trace(
-            lm.model, lm.adapter, capture=[v_early, v_late], edits=edits, stop_after_point=v_late
-        ) as tr,
-    ):
-        lm.model(**tgt.model_inputs(), use_cache=False)
-    windows = {
-        "early": gather_windows(tr[v_early], tgt.n_tokens, window),  # (N, W, Hkv, D)
-        "late": gather_windows(tr[v_late], tgt.n_tokens, window),  # (N, W, Hkv, D)
-    }
-    pe, pl = window_pr(windows["early"], pr_mode), window_pr(windows["late"], pr_mode)  # (N,)
-    return r_v(pl, pe).cpu().numpy(), windows
+    measured = measure_pr(
+        lm.model, lm.adapter, tgt, [early, late], window, modes=[pr_mode], edits=edits,
+        keep_windows=True,
+    )  # fmt: skip
+    windows = {"early": measured.windows[early], "late": measured.windows[late]}  # (N, W, Hkv, D)
+    return measured.r_v(early, late, pr_mode), windows
 
 
 def patched_r_v(

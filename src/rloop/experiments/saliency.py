@@ -24,7 +24,7 @@ import pandas as pd
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
 from rloop.experiments.runner import execute, record_inputs
-from rloop.experiments.settings import RVSettings, prepare
+from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.interventions.gradients import head_gradients
 from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
@@ -82,10 +82,7 @@ def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None)
         raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
     prepared = prepare(config, ["L5"], lm)
     lm = prepared.lm
-    layers = config.layers if config.layers else list(range(lm.adapter.n_layers))
-    for layer in layers:
-        lm.adapter.check_layer(layer)
-    layers = sorted(set(layers))
+    layers = layer_list(lm.adapter, config.layers)
     early, late = prepared.early, prepared.late
 
     def body(run) -> dict:

@@ -181,3 +181,12 @@ def reference_means(
         return None
     texts = [p.text for p in reference]
     return mean_activations(lm.model, lm.adapter, lm.tokenizer, texts, sorted(set(layers)), point)
+
+
+def layer_list(adapter, layers: Sequence[int] | None) -> list[int]:
+    """The requested layers sorted and de-duplicated (every layer when None or empty),
+    each range-checked against the model."""
+    chosen = list(layers) if layers else list(range(adapter.n_layers))
+    for layer in chosen:
+        adapter.check_layer(layer)
+    return sorted(set(chosen))

@@ -70,7 +70,6 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -78,6 +77,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rloop.capture.attention import eager_attention
 from rloop.capture.batching import encode
 from rloop.capture.generation import (
     SamplingConfig,
@@ -306,21 +306,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextmanager
-def eager_attention(model: nn.Module):
-    """Run the model with eager attention (which returns attention weights) inside; the
-    previous implementation is restored on exit."""
-    before = getattr(model.config, "_attn_implementation", None)
-    if before == "eager":
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def recompute_attention(
