@@ -20,7 +20,7 @@ from scipy import stats as sps
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, RunStoreError
-from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
 from rloop.experiments.settings import RVSettings, check_settings, load_prompt_set
 from rloop.interventions.edits import HeadList, check_ablation_mode, mean_activations
 from rloop.interventions.engine import resolve_layers
@@ -28,12 +28,14 @@ from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics import r_v
 from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
 from rloop.models import load_model
-from rloop.progress import progress_bar
 from rloop.prompts import PromptSet, check_window
 from rloop.runs import plots as plotting
 from rloop.runs.layout import read_manifest
 
 EXPERIMENT = "ablate"
+# Swept layers per resume checkpoint: each unit repeats one clean forward, so a few layers
+# per unit keep that overhead small while an interrupted sweep loses little work.
+LAYERS_PER_UNIT = 4
 
 
 @dataclass
@@ -186,13 +188,15 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
                 mean_reference={"group": config.reference_group, "n": len(reference)}
             )
         batch = encode(lm.tokenizer, [p.text for p in prompts], lm.device)
-        n_run = len(set(layers)) if config.kl else len([x for x in layers if x < late])
-        with progress_bar("ablating heads", total=n_run) as advance:
+        swept = sorted(set(layers))
+        units = [swept[i : i + LAYERS_PER_UNIT] for i in range(0, len(swept), LAYERS_PER_UNIT)]
+
+        def sweep_unit(unit_layers: list[int]) -> pd.DataFrame:
             result = head_sweep(
                 lm.model,
                 adapter,
                 batch,
-                layers,
+                unit_layers,
                 early,
                 late,
                 config.window,
@@ -200,13 +204,17 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
                 unit=config.unit,
                 mean_z=mean_z,
                 max_rows=config.max_rows,
-                on_layer=lambda layer: advance(1),
                 kl=config.kl,
             )
+            return sweep_table(
+                result, [p.id for p in prompts], config.mode, config.unit, config.pr_mode
+            )
+
+        table = run_units(
+            run, units, sweep_unit, key=lambda u: f"layers-{u[0]:04d}-{u[-1]:04d}",
+            label="ablating heads", weight=len,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
-        table = sweep_table(
-            result, [p.id for p in prompts], config.mode, config.unit, config.pr_mode
-        )
         table["layer_early"], table["layer_late"] = early, late
         summary, floor = head_summary(table, config.n_boot, config.seed)
         run.write_table("results", table)

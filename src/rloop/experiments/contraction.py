@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rloop.errors import ConfigError, PromptError
+from rloop.errors import PromptError
 from rloop.experiments.runner import (
     PromptBatch,
     execute,
@@ -234,8 +234,6 @@ def _layer_sweep(profile: pd.DataFrame, early: int, config: ContractionConfig) -
 
 def validate_config(config: ContractionConfig) -> None:
     check_settings(config)
-    if config.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
 
 
 def report_markdown(result: ContractionResult, config: ContractionConfig, model_line: str) -> str:

@@ -28,7 +28,7 @@ import torch
 from rloop.capture.attention import eager_attention
 from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
 from rloop.capture.trace import Trace, address
-from rloop.errors import ConfigError, UnsupportedArchitectureError
+from rloop.errors import UnsupportedArchitectureError
 from rloop.experiments.runner import execute, record_inputs
 from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.metrics import participation_ratio
@@ -153,8 +153,6 @@ def measure_heads(
 def run_head_diagnostics(config: HeadDiagnosticsConfig, out=None, force: bool = False, lm=None):
     """``rloop heads``: returns (run_dir, already_complete, headline)."""
 
-    if config.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
     prepared = prepare(config, [config.recursive_group, config.baseline_group], lm)
     lm = prepared.lm
     layers = layer_list(lm.adapter, config.layers)

@@ -294,8 +294,6 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
 
     if config.source_group == config.target_group:
         raise ConfigError("--source-group and --target-group must differ")
-    if config.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
     if config.groups is None:
         config.groups = [config.source_group, config.target_group]
     prepared = prepare(config, None, lm)

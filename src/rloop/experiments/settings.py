@@ -101,6 +101,9 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(
             f"n_boot must be at least {MIN_BOOTSTRAP} for a usable CI, got {settings.n_boot}"
         )
+    batch_size = getattr(settings, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if isinstance(settings, RVSettings):
         check_mode_for_point("v", [settings.pr_mode])
 
