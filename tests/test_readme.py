@@ -18,4 +18,4 @@ def test_readme_python_example_runs_and_agrees_with_the_engine(capsys) -> None:
     printed = capsys.readouterr().out
     values = [float(v) for v in re.findall(r"\d+\.\d+", printed)]
     assert len(values) == 2 and 0 < values[0] < 5
-    np.testing.assert_allclose(values[0], values[1], rtol=1e-6)
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-3)  # the tensor prints 4 decimals
