@@ -16,8 +16,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import rloop
-
 RECORDED_PACKAGES = ("torch", "transformers", "numpy", "pandas", "pyarrow", "accelerate")
 
 
@@ -34,7 +32,7 @@ def package_versions() -> dict[str, str | None]:
 
     versions: dict[str, str | None] = {
         "python": platform.python_version(),
-        "rloop": getattr(rloop, "__version__", None) or package_version("rloop"),
+        "rloop": package_version("rloop"),
     }
     for name in RECORDED_PACKAGES:
         versions[name] = package_version(name)
