@@ -23,7 +23,18 @@ from typing import TypeVar
 import pandas as pd
 
 from rloop.errors import RunStoreError
-from rloop.runs.layout import MANIFEST_NAME, PARTIAL_DIR, json_default, read_manifest, runs_root
+from rloop.runs.layout import (
+    MANIFEST_NAME,
+    PARTIAL_DIR,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    STATUS_RUNNING,
+    json_default,
+    owner_state,
+    read_manifest,
+    runs_root,
+)
 
 INDEX_NAME = "index.sqlite"
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -223,6 +234,19 @@ def _read_index(root: Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=list(INDEX_COLUMNS))
 
 
+LIST_STATUSES = (STATUS_RUNNING, STATUS_INTERRUPTED, STATUS_COMPLETE, STATUS_FAILED)
+
+
+def _live_status(status: str, path: str) -> str:
+    """A "running" run whose owning process is dead is listed as "interrupted"."""
+    if status != STATUS_RUNNING:
+        return status
+    try:
+        return owner_state(read_manifest(Path(path)))[0]
+    except RunStoreError:
+        return status
+
+
 def list_runs(
     root: Path | None = None, experiment: str | None = None, status: str | None = None
 ) -> pd.DataFrame:
@@ -237,7 +261,16 @@ def list_runs(
     index = _read_index(root)
     if experiment is not None:
         index = index[index["experiment"] == experiment]
+    index = index.assign(
+        status=[
+            _live_status(s, path) for s, path in zip(index["status"], index["path"], strict=True)
+        ]
+    )
     if status is not None:
+        if status not in LIST_STATUSES:
+            raise RunStoreError(
+                f"unknown status {status!r}: choose one of {', '.join(LIST_STATUSES)}"
+            )
         index = index[index["status"] == status]
     headlines = pd.DataFrame.from_records(
         [json.loads(text or "{}") for text in index["headline_json"]], index=index.index

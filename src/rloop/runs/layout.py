@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,3 +136,28 @@ def one_line_error(error: BaseException, max_length: int = 500) -> str:
     message = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
     return text if len(text) <= max_length else text[: max_length - 3] + "..."
+
+
+STATUS_INTERRUPTED = "interrupted"
+
+
+def owner_state(manifest: dict) -> tuple[str, str | None]:
+    """The live status of a run: a manifest that says "running" whose writing process is gone
+    (same host, pid no longer alive) is "interrupted"; otherwise the manifest's status. The
+    second value says why, when the status was judged from the process."""
+    status = manifest.get("status")
+    if status != STATUS_RUNNING:
+        return status, None
+    host = manifest.get("host") if isinstance(manifest.get("host"), dict) else {}
+    hostname, pid = host.get("hostname"), host.get("pid")
+    if hostname and hostname != socket.gethostname():
+        return STATUS_RUNNING, f"written on host {hostname}; its process cannot be checked here"
+    if not isinstance(pid, int) or pid <= 0:
+        return STATUS_INTERRUPTED, "no owning process recorded"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return STATUS_INTERRUPTED, f"its process {pid} is no longer running"
+    except OSError:
+        pass  # alive, owned by another user
+    return STATUS_RUNNING, f"process {pid} is alive"

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
 import re
 import secrets
 import shutil
@@ -52,6 +54,9 @@ from rloop.runs.layout import (
     runs_root,
 )
 
+LOCK_NAME = ".lock"
+JOBS_DIR = "jobs"  # child runs of a sweep
+_HELD_LOCKS: dict[Path, int] = {}  # run directory -> lock fd held by this process
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -71,6 +76,40 @@ def _new_run_id() -> str:
 
 
 # ---------------------------------------------------------------------------- the run
+
+
+def _refuse_nested(run_dir: Path) -> None:
+    """A run directory inside another run would be listed as part of it: refuse (except the
+    child runs a sweep keeps under its own ``jobs/``)."""
+    for parent in run_dir.parents:
+        if (parent / MANIFEST_NAME).is_file() and run_dir.relative_to(parent).parts[0] != JOBS_DIR:
+            raise RunStoreError(
+                f"--out {run_dir} is inside the run directory {parent}; "
+                "choose a directory outside any run"
+            )
+
+
+def _lock_run_dir(run_dir: Path) -> int:
+    """An exclusive lock on ``run_dir/.lock`` for this process; a second process that opens
+    the same run directory gets a one-line error naming the owner. Reopening in the same
+    process (the earlier Run was abandoned, e.g. after an exception) reuses the lock."""
+    if run_dir in _HELD_LOCKS:
+        return _HELD_LOCKS[run_dir]
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        owner = ""
+        with contextlib.suppress(Exception):
+            host = read_manifest(run_dir).get("host", {})
+            owner = f" (pid {host.get('pid')} on {host.get('hostname')})"
+        raise RunStoreError(
+            f"run directory {run_dir} is already in use by another rloop process{owner}; "
+            "wait for it to finish, or choose another --out"
+        ) from None
+    _HELD_LOCKS[run_dir] = fd
+    return fd
 
 
 class Run:
@@ -97,6 +136,7 @@ class Run:
         self.resumed = False
         self._written_since_open = False
         self._completed_here = False
+        self._lock: int | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -123,6 +163,7 @@ class Run:
         ``index_root`` is the run store whose index records this run (default: runs_root()).
         """
         run_dir = Path(run_dir).expanduser().absolute()
+        _refuse_nested(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -130,6 +171,7 @@ class Run:
                 f"cannot write run directory {run_dir}: {err.strerror or err}; "
                 "choose another with --out"
             ) from None
+        lock = _lock_run_dir(run_dir)
         index_root = Path(index_root) if index_root is not None else runs_root()
         wanted_hash = config_hash(config)
         manifest_path = run_dir / MANIFEST_NAME
@@ -148,12 +190,14 @@ class Run:
                     "choose another with --out or delete that directory"
                 )
             run = cls(run_dir, manifest, index_root=index_root)
+            run._lock = lock
             if resume and run.already_complete:
                 # A crash between writing "complete" and removing checkpoints leaves them.
                 shutil.rmtree(run_dir / PARTIAL_DIR, ignore_errors=True)
                 return run
             if resume:
                 run.resumed = True
+                run.manifest["host"] = environment.host_info()  # the new owner
                 run.manifest["status"] = STATUS_RUNNING
                 run.manifest["error"] = None
                 run.manifest.setdefault("resumes", []).append(
@@ -172,6 +216,7 @@ class Run:
         run = cls(
             run_dir, cls._fresh_manifest(experiment, config, wanted_hash), index_root=index_root
         )
+        run._lock = lock
         run._write_manifest()
         run._register()
         return run
@@ -281,6 +326,8 @@ class Run:
         self.partial_dir.mkdir(exist_ok=True)
         self._written_since_open = True
         atomic_write(self.partial_dir / f"{key}.parquet", lambda tmp: frame.to_parquet(tmp))
+        self.manifest["heartbeat"] = now_iso()  # shows the owner is alive and working
+        self._write_manifest()
 
     def finished_keys(self) -> set[str]:
         """Keys of the checkpoints saved so far (this session or before an interruption)."""
@@ -358,6 +405,14 @@ class Run:
         self._write_manifest()
         self._register()
 
+    def release(self) -> None:
+        """Release the run directory's lock (also released when the process exits)."""
+        if self._lock is not None and _HELD_LOCKS.get(self.path) == self._lock:
+            del _HELD_LOCKS[self.path]
+            with contextlib.suppress(OSError):
+                os.close(self._lock)
+        self._lock = None
+
     def __enter__(self) -> Run:
         return self
 
@@ -367,6 +422,7 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        self.release()
         if exc is None:
             return False
         # A complete run stays complete only if its outputs are the ones it completed with.
