@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from rloop.errors import RloopError
+from rloop.cli.options import out_console, run_guarded
+from rloop.runs import compare_runs, list_runs, reindex, show_run
+from rloop.runs.index import flatten
 
 runs_app = typer.Typer(
     help=(
@@ -25,21 +25,10 @@ runs_app = typer.Typer(
     add_completion=False,
 )
 
-out_console = Console()
-err_console = Console(stderr=True)
-
-T = TypeVar("T")
-
-ROOT_OPTION_HELP = "Run store to read (default: $RLOOP_RUNS or ./rloop-runs)."
-
-
-def _guarded(action: Callable[[], T]) -> T:
-    """Run ``action``; an RloopError becomes a one-line message on stderr and exit code 2."""
-    try:
-        return action()
-    except RloopError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+Root = Annotated[
+    Path | None,
+    typer.Option("--root", help="Run store to read (default: $RLOOP_RUNS or ./rloop-runs)."),
+]
 
 
 def _cell(value: object) -> str:
@@ -59,25 +48,27 @@ def _short_time(iso: object) -> str:
 
 @runs_app.command("list")
 def list_command(
-    root: Path = typer.Option(None, "--root", help=ROOT_OPTION_HELP),
-    experiment: str = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
-    status: str = typer.Option(None, "--status", "-s", help="running | complete | failed."),
-    rebuild: bool = typer.Option(
-        False, "--reindex", help="Rebuild the index from the manifests on disk first."
-    ),
-    metrics: bool = typer.Option(
-        False, "--metrics", help="Add every run's headline metrics as columns (wide)."
-    ),
+    root: Root = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", "-e", help="Only this experiment.")
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", "-s", help="running | complete | failed.")
+    ] = None,
+    rebuild: Annotated[
+        bool, typer.Option("--reindex", help="Rebuild the index from the manifests on disk first.")
+    ] = False,
+    metrics: Annotated[
+        bool, typer.Option("--metrics", help="Add every run's headline metrics as columns (wide).")
+    ] = False,
 ) -> None:
     """List runs, oldest first (add --metrics for their headline metrics).
 
     Example: rloop runs list --experiment contraction --status complete
     """
-    from rloop.runs import list_runs, reindex
-
     if rebuild:
-        _guarded(lambda: reindex(root))
-    runs = _guarded(lambda: list_runs(root, experiment=experiment, status=status))
+        run_guarded(reindex, root)
+    runs = run_guarded(list_runs, root, experiment=experiment, status=status)
     if runs.empty:
         out_console.print("no runs")
         return
@@ -99,17 +90,14 @@ def list_command(
 
 @runs_app.command("show")
 def show_command(
-    run: str = typer.Argument(..., help="Run id, directory name, unique id prefix or path."),
-    root: Path = typer.Option(None, "--root", help=ROOT_OPTION_HELP),
+    run: Annotated[str, typer.Argument(help="Run id, directory name, unique id prefix or path.")],
+    root: Root = None,
 ) -> None:
     """Show one run: status, model, prompts, versions, headline metrics, config and files.
 
     Example: rloop runs show rloop-runs/contraction-smollm2-135m-1a2b3c4d5e6f
     """
-    from rloop.runs import show_run
-    from rloop.runs.index import flatten
-
-    manifest = _guarded(lambda: show_run(run, root))
+    manifest = run_guarded(show_run, run, root)
     table = Table(title=f"run {manifest.get('run_id')}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -129,16 +117,14 @@ def show_command(
 
 @runs_app.command("compare")
 def compare_command(
-    runs: list[str] = typer.Argument(..., help="Two or more run ids, names or paths."),
-    root: Path = typer.Option(None, "--root", help=ROOT_OPTION_HELP),
+    runs: Annotated[list[str], typer.Argument(help="Two or more run ids, names or paths.")],
+    root: Root = None,
 ) -> None:
     """Compare runs side by side: headline metrics and the config fields that differ.
 
     Example: rloop runs compare 20250131-120000-3fa9c1 20250131-130000-77b0e2
     """
-    from rloop.runs import compare_runs
-
-    comparison = _guarded(lambda: compare_runs(runs, root))
+    comparison = run_guarded(compare_runs, runs, root)
     table = Table(title=f"{comparison.shape[1]} runs")
     table.add_column("field", style="bold")
     for label in comparison.columns:

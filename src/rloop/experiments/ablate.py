@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from rloop import models
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, RunStoreError
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
@@ -27,7 +28,6 @@ from rloop.interventions.engine import resolve_layers
 from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics import r_v
 from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
-from rloop.models import load_model
 from rloop.prompts import PromptSet, check_window
 from rloop.runs import plots as plotting
 from rloop.runs.layout import read_manifest
@@ -158,7 +158,7 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     if config.mode == "mean":
         reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
     if lm is None:
-        lm = load_model(
+        lm = models.load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
     adapter = lm.adapter

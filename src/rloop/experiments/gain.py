@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rloop import models as rloop_models
 from rloop.capture.batching import encode, plan_batches
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, RloopError
@@ -36,7 +37,6 @@ from rloop.experiments.contraction import _markdown_table
 from rloop.experiments.runner import execute, prompts_manifest
 from rloop.experiments.settings import load_prompt_set
 from rloop.metrics.stats import bootstrap_ci, correlation_with_ci
-from rloop.models import load_model
 from rloop.models.architecture import ArchitectureFacts, facts_of_model
 from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
@@ -343,8 +343,8 @@ def default_loader(name: str, revision=None, device=None, dtype=None):
     (transformers' device_map="auto") for models larger than one GPU."""
 
     if device == "auto":
-        return load_model(name, revision=revision, dtype=dtype, device_map="auto")
-    return load_model(name, revision=revision, device=device, dtype=dtype)
+        return rloop_models.load_model(name, revision=revision, dtype=dtype, device_map="auto")
+    return rloop_models.load_model(name, revision=revision, device=device, dtype=dtype)
 
 
 def report_markdown(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rloop import models
 from rloop.behavior import score_texts
 from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
@@ -43,7 +44,6 @@ from rloop.interventions.kv_cache import (
 )
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import correlation_with_ci, noise_floor, transfer_percent
-from rloop.models import load_model
 from rloop.prompts import check_window
 from rloop.runs.plots import _save, plt
 
@@ -419,7 +419,7 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
     pairs = make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
     if lm is None:
-        lm = load_model(
+        lm = models.load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
     n_layers = lm.adapter.n_layers

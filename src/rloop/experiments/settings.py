@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from rloop import models
 from rloop.capture.generation import SamplingConfig
 from rloop.errors import ConfigError, PromptError
 from rloop.interventions.edits import mean_activations
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
-from rloop.models import LoadedModel, load_model
+from rloop.models import LoadedModel
 from rloop.prompts import (
     DEFAULT_BANK_VERSION,
     PromptSet,
@@ -139,7 +140,7 @@ def load(settings: Settings, lm: LoadedModel | None = None) -> LoadedModel:
     """The model of ``settings`` (or ``lm`` when the caller already loaded one)."""
     if lm is not None:
         return lm
-    return load_model(
+    return models.load_model(
         settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype
     )
 

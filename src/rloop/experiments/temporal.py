@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rloop import models
 from rloop.capture.generation import generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError
@@ -22,7 +23,6 @@ from rloop.experiments.runner import execute, model_manifest, prompts_manifest
 from rloop.experiments.settings import GenerationSettings, load_prompt_set
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.metrics import r_v, window_pr
-from rloop.models import load_model
 from rloop.prompts import check_window
 from rloop.runs.plots import _save, plt
 
@@ -111,7 +111,7 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
     groups = config.groups or [config.recursive_group, config.baseline_group]
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
     if lm is None:
-        lm = load_model(
+        lm = models.load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
     early, late, _ = resolve_layers(lm.adapter, config.layers)

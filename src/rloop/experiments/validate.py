@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rloop import models
 from rloop.capture.generation import SamplingConfig
 from rloop.errors import ConfigError
 from rloop.experiments.contraction import ContractionConfig, _markdown_table, measure_contraction
@@ -49,7 +50,6 @@ from rloop.interventions.kv_cache import (
     default_patch_layers,
     scale_layer_range,
 )
-from rloop.models import load_model
 from rloop.prompts import check_window
 from rloop.runs import plots as plotting
 
@@ -528,7 +528,7 @@ def run_validate(
         )
     make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
     if lm is None:
-        lm = load_model(
+        lm = models.load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
         )
     resolve_layers(lm.adapter, config.layers or None)
