@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from rloop.cli import causal, contraction, generation, sweeps
+from rloop.cli import causal, checks, contraction, generation, sweeps
 from rloop.cli.models import models_app
 from rloop.cli.runs import runs_app
 
@@ -22,5 +22,6 @@ contraction.register(app)
 causal.register(app)
 sweeps.register(app)
 generation.register(app)
+checks.register(app)
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs", help="List, show and compare runs in the run store.")
