@@ -15,14 +15,14 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from statsmodels.regression.linear_model import OLS
 
 from rloop.errors import ConfigError
-from rloop.metrics.stats import benjamini_hochberg, correlation_with_ci
+from rloop.metrics.stats import AsDictMixin, benjamini_hochberg, check_ci, correlation_with_ci
 
 # Sentence ends: runs of terminal punctuation (ASCII, ellipsis, CJK full stops), optionally
 # followed by closing quotes or brackets, then whitespace or the end of the text.
@@ -184,7 +184,7 @@ def covariate_correlations(
 
 
 @dataclass(frozen=True)
-class AdjustedGroupEffect:
+class AdjustedGroupEffect(AsDictMixin):
     """Raw and covariate-adjusted gap between two prompt groups (OLS, HC3 standard errors).
 
     raw_gap: coefficient of the group indicator (1 = groups[0]) in outcome ~ 1 + group, which
@@ -218,9 +218,6 @@ class AdjustedGroupEffect:
     covariates_dropped: dict[str, str] = field(default_factory=dict)
     covariate_coefficients: dict[str, float] = field(default_factory=dict)
     ci: float = 0.95
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _hc3_fit(y: np.ndarray, design: np.ndarray):
@@ -265,28 +262,8 @@ def adjusted_group_effect(
     a reason when the raw gap is within noise (its CI contains 0) — a ratio over such a gap
     is meaningless.
     """
-    if not 0.0 < ci < 1.0:
-        raise ConfigError(f"confidence level must be between 0 and 1 (e.g. 0.95), got {ci}")
-    if len(groups) != 2 or groups[0] == groups[1]:
-        raise ConfigError(f"groups must be two different group names, got {groups!r}")
-    _check_columns(df, [outcome, group_col, *covariates])
-    if len(set(covariates)) != len(covariates) or group_col in covariates:
-        raise ConfigError("covariates must be distinct and must not include the group column")
-    labels = df[group_col]
-    present = [g for g in groups if (labels == g).any()]
-    if len(present) < 2:
-        raise ConfigError(
-            f"group column {group_col!r} must contain both {groups[0]!r} and {groups[1]!r}"
-        )
-    rows = df.loc[labels.isin(groups)]
-    y = _numeric(rows, outcome)
-    group = (rows[group_col] == groups[0]).to_numpy(dtype=np.float64)
-    x = np.column_stack([_numeric(rows, c) for c in covariates]) if covariates else None
-    keep = np.isfinite(y)
-    if x is not None:
-        keep &= np.isfinite(x).all(axis=1)
-    y, group, n_dropped = y[keep], group[keep], int(keep.size - keep.sum())
-    x = x[keep] if x is not None else np.zeros((y.size, 0))
+    _check_group_inputs(df, outcome, group_col, groups, covariates, ci)
+    y, group, x, n_dropped = _usable_rows(df, outcome, group_col, groups, covariates)
     n_group, n_reference = int(group.sum()), int(y.size - group.sum())
     if n_group < 2 or n_reference < 2:
         raise ConfigError(
@@ -296,62 +273,17 @@ def adjusted_group_effect(
     alpha = 1.0 - ci
     raw_fit = _hc3_fit(y, np.column_stack([np.ones(y.size), group]))
     raw = _coefficient(raw_fit, alpha, 1)
-
-    dropped: dict[str, str] = {}
-    kept: list[int] = []
-    basis = np.ones((y.size, 1))
-    for j, name in enumerate(covariates):
-        column = x[:, j]
-        if np.ptp(column) == 0:
-            dropped[name] = "constant in the rows used"
-            continue
-        # Rank checks on standardised columns, so covariates in tiny or huge units are not
-        # mistaken for collinear ones (same span as the raw column plus the intercept).
-        standardised = (column - column.mean()) / column.std()
-        candidate = np.column_stack([basis, standardised])
-        if _rank(candidate) <= _rank(basis):
-            partners = ["intercept", *(covariates[k] for k in kept)]
-            dropped[name] = "collinear with " + ", ".join(partners)
-            continue
-        basis, kept = candidate, [*kept, j]
+    kept, dropped, basis = _independent_covariates(x, covariates)
     used = tuple(covariates[k] for k in kept)
-    nan = math.nan
-    reason = None
-    design = np.column_stack([np.ones(y.size), group, x[:, kept]])
-    centred_group = (group - group.mean()) / group.std()
-    if _rank(np.column_stack([basis, centred_group])) <= _rank(basis):
-        reason = (
-            "the group indicator is a linear combination of the covariates "
-            f"{list(used)}: the adjusted effect is not identifiable"
-        )
-    elif y.size - design.shape[1] < 1:
-        reason = f"{y.size} rows cannot fit {design.shape[1]} coefficients: drop covariates"
-    if reason is not None:
-        adjusted = (nan,) * 5
-        coefficients: dict[str, float] = {}
-    else:
-        adjusted_fit = _hc3_fit(y, design)
-        adjusted = _coefficient(adjusted_fit, alpha, 1)
-        coefficients = {name: float(adjusted_fit.params[2 + i]) for i, name in enumerate(used)}
-        if not np.isfinite(adjusted[1]):
-            reason = "a row has leverage 1: HC3 standard errors are undefined"
-    raw_gap = raw[0]
-    share_reason = None
-    if raw_gap == 0 or not (raw[2] > 0 or raw[3] < 0):
-        share_reason = "raw gap within noise (its CI contains 0): share explained undefined"
-        share = nan
-    elif math.isnan(adjusted[0]):
-        share_reason = "adjusted effect undefined"
-        share = nan
-    else:
-        share = 1.0 - adjusted[0] / raw_gap
+    adjusted, coefficients, reason = _adjusted_fit(y, group, x[:, kept], basis, used, alpha)
+    share, share_reason = _share_explained(raw, adjusted[0])
     return AdjustedGroupEffect(
         n=int(y.size),
         n_dropped=n_dropped,
         n_group=n_group,
         n_reference=n_reference,
         groups=(groups[0], groups[1]),
-        raw_gap=raw_gap,
+        raw_gap=raw[0],
         raw_se=raw[1],
         raw_ci_low=raw[2],
         raw_ci_high=raw[3],
@@ -369,3 +301,115 @@ def adjusted_group_effect(
         covariate_coefficients=coefficients,
         ci=ci,
     )
+
+
+def _check_group_inputs(
+    df: pd.DataFrame,
+    outcome: str,
+    group_col: str,
+    groups: tuple[str, str],
+    covariates: Sequence[str],
+    ci: float,
+) -> None:
+    """ConfigError for a bad ci, group pair, column list, or a group absent from the table."""
+    check_ci(ci)
+    if len(groups) != 2 or groups[0] == groups[1]:
+        raise ConfigError(f"groups must be two different group names, got {groups!r}")
+    _check_columns(df, [outcome, group_col, *covariates])
+    if len(set(covariates)) != len(covariates) or group_col in covariates:
+        raise ConfigError("covariates must be distinct and must not include the group column")
+    labels = df[group_col]
+    present = [g for g in groups if (labels == g).any()]
+    if len(present) < 2:
+        raise ConfigError(
+            f"group column {group_col!r} must contain both {groups[0]!r} and {groups[1]!r}"
+        )
+
+
+def _usable_rows(
+    df: pd.DataFrame,
+    outcome: str,
+    group_col: str,
+    groups: tuple[str, str],
+    covariates: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(outcome (n,), group indicator (n,) 1 = groups[0], covariates (n, c), n_dropped): the
+    rows of the two groups whose outcome and covariates are all finite."""
+    rows = df.loc[df[group_col].isin(groups)]
+    y = _numeric(rows, outcome)
+    group = (rows[group_col] == groups[0]).to_numpy(dtype=np.float64)
+    x = np.column_stack([_numeric(rows, c) for c in covariates]) if covariates else None
+    keep = np.isfinite(y)
+    if x is not None:
+        keep &= np.isfinite(x).all(axis=1)
+    y, group, n_dropped = y[keep], group[keep], int(keep.size - keep.sum())
+    x = x[keep] if x is not None else np.zeros((y.size, 0))
+    return y, group, x, n_dropped
+
+
+def _independent_covariates(
+    x: np.ndarray, covariates: Sequence[str]
+) -> tuple[list[int], dict[str, str], np.ndarray]:
+    """(indices of the covariates kept, dropped name -> why, basis (n, 1 + kept)): covariates
+    (n, c) in order, each kept unless constant or a linear combination of the intercept and
+    the covariates kept before it. The basis holds the intercept and the standardised kept
+    columns."""
+    dropped: dict[str, str] = {}
+    kept: list[int] = []
+    basis = np.ones((x.shape[0], 1))
+    for j, name in enumerate(covariates):
+        column = x[:, j]
+        if np.ptp(column) == 0:
+            dropped[name] = "constant in the rows used"
+            continue
+        # Rank checks on standardised columns, so covariates in tiny or huge units are not
+        # mistaken for collinear ones (same span as the raw column plus the intercept).
+        standardised = (column - column.mean()) / column.std()
+        candidate = np.column_stack([basis, standardised])
+        if _rank(candidate) <= _rank(basis):
+            partners = ["intercept", *(covariates[k] for k in kept)]
+            dropped[name] = "collinear with " + ", ".join(partners)
+            continue
+        basis, kept = candidate, [*kept, j]
+    return kept, dropped, basis
+
+
+def _adjusted_fit(
+    y: np.ndarray,
+    group: np.ndarray,
+    x_used: np.ndarray,
+    basis: np.ndarray,
+    used: tuple[str, ...],
+    alpha: float,
+) -> tuple[tuple[float, ...], dict[str, float], str | None]:
+    """(group coefficient, se, ci_low, ci_high, p), covariate coefficients and the reason
+    they are NaN (None when defined) of outcome ~ 1 + group + kept covariates (n, k)."""
+    design = np.column_stack([np.ones(y.size), group, x_used])
+    centred_group = (group - group.mean()) / group.std()
+    if _rank(np.column_stack([basis, centred_group])) <= _rank(basis):
+        reason = (
+            "the group indicator is a linear combination of the covariates "
+            f"{list(used)}: the adjusted effect is not identifiable"
+        )
+        return (math.nan,) * 5, {}, reason
+    if y.size - design.shape[1] < 1:
+        reason = f"{y.size} rows cannot fit {design.shape[1]} coefficients: drop covariates"
+        return (math.nan,) * 5, {}, reason
+    adjusted_fit = _hc3_fit(y, design)
+    adjusted = _coefficient(adjusted_fit, alpha, 1)
+    coefficients = {name: float(adjusted_fit.params[2 + i]) for i, name in enumerate(used)}
+    reason = None
+    if not np.isfinite(adjusted[1]):
+        reason = "a row has leverage 1: HC3 standard errors are undefined"
+    return adjusted, coefficients, reason
+
+
+def _share_explained(raw: tuple[float, ...], adjusted_effect: float) -> tuple[float, str | None]:
+    """(1 - adjusted / raw gap, None), or (NaN, why) when the raw gap's CI contains 0 or the
+    adjusted effect is undefined. raw: (gap, se, ci_low, ci_high, p)."""
+    raw_gap = raw[0]
+    if raw_gap == 0 or not (raw[2] > 0 or raw[3] < 0):
+        return math.nan, "raw gap within noise (its CI contains 0): share explained undefined"
+    if math.isnan(adjusted_effect):
+        return math.nan, "adjusted effect undefined"
+    return 1.0 - adjusted_effect / raw_gap, None

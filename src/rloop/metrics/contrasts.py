@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -30,11 +30,15 @@ from numpy.typing import ArrayLike
 from rloop.errors import ConfigError
 from rloop.metrics.stats import (
     CORRELATION_METHODS,
-    _percentile_interval,
+    AsDictMixin,
     benjamini_hochberg,
     bootstrap_ci,
+    check_choice,
+    check_ci,
+    check_positive_int,
     contrast,
     correlation_with_ci,
+    percentile_interval,
 )
 
 SIGN_FLIP_EXACT_MAX_PAIRS = 16  # 2**16 = 65,536 sign vectors
@@ -55,14 +59,34 @@ def _vector(values, name: str) -> np.ndarray:
     return array
 
 
-def _check_positive(count: int, name: str) -> None:
-    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {count!r}")
+def _paired_vectors(
+    first: ArrayLike, second: ArrayLike, names: tuple[str, str], mismatch: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first, second, keep): two paired one-dimensional float64 vectors (n,) and the mask
+    (n,) of the pairs where both are finite. ``mismatch`` is the ConfigError message for
+    unequal lengths, with ``{}`` placeholders for the two lengths."""
+    a, b = _vector(first, names[0]), _vector(second, names[1])
+    if a.size != b.size:
+        raise ConfigError(mismatch.format(a.size, b.size))
+    return a, b, np.isfinite(a) & np.isfinite(b)
 
 
-def _check_ci(ci: float) -> None:
-    if not 0.0 < ci < 1.0:
-        raise ConfigError(f"confidence level must be between 0 and 1 (e.g. 0.95), got {ci}")
+def _n_dropped(keep: np.ndarray) -> int:
+    """Number of rows a keep mask leaves out."""
+    return int(keep.size - keep.sum())
+
+
+def _check_resampling(n_boot: int, n_perm: int, ci: float) -> None:
+    """ConfigError unless n_boot and n_perm are positive integers and 0 < ci < 1."""
+    check_positive_int(n_boot, "n_boot")
+    check_positive_int(n_perm, "n_perm")
+    check_ci(ci)
+
+
+def _chunks(total: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of the vectorized blocks of ``_CHUNK`` draws that make up ``total``."""
+    for start in range(0, total, _CHUNK):
+        yield start, min(_CHUNK, total - start)
 
 
 def _join(reasons: list[str]) -> str | None:
@@ -73,7 +97,7 @@ def _join(reasons: list[str]) -> str | None:
 
 
 @dataclass(frozen=True)
-class PairedContrast:
+class PairedContrast(AsDictMixin):
     """Recursive prompts vs their structural twins, paired (diff = recursive - twin).
 
     ``n_pairs`` pairs were used; ``n_dropped`` pairs had a non-finite value on either side.
@@ -103,9 +127,6 @@ class PairedContrast:
     n_perm: int
     seed: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _d_z(diffs: np.ndarray, axis: int = -1) -> np.ndarray:
     """mean / sd (ddof=1) along ``axis``; NaN where the sd is 0."""
@@ -126,8 +147,7 @@ def _sign_flip_p(diffs: np.ndarray, n_perm: int, seed: int) -> tuple[float, bool
         return float(np.mean(np.abs(sums) >= observed - tolerance)), True
     rng = np.random.default_rng(seed)
     extreme = 0
-    for start in range(0, n_perm, _CHUNK):
-        size = min(_CHUNK, n_perm - start)
+    for _, size in _chunks(n_perm):
         signs = rng.choice(np.array([-1.0, 1.0]), size=(size, n))  # (chunk, n)
         extreme += int((np.abs(signs @ diffs) >= observed - tolerance).sum())
     return (1 + extreme) / (1 + n_perm), False
@@ -152,16 +172,14 @@ def paired_contrast(
     Fewer than 2 pairs, zero-variance or all-zero differences leave the fields they make
     undefined as NaN and say why in ``reason``.
     """
-    _check_positive(n_boot, "n_boot")
-    _check_positive(n_perm, "n_perm")
-    _check_ci(ci)
-    rec, tw = _vector(recursive, "recursive"), _vector(twin, "twin")
-    if rec.size != tw.size:
-        raise ConfigError(
-            f"recursive and twin values must be paired: got {rec.size} and {tw.size} values"
-        )
-    keep = np.isfinite(rec) & np.isfinite(tw)
-    rec, tw, n_dropped = rec[keep], tw[keep], int(keep.size - keep.sum())
+    _check_resampling(n_boot, n_perm, ci)
+    rec, tw, keep = _paired_vectors(
+        recursive,
+        twin,
+        ("recursive", "twin"),
+        "recursive and twin values must be paired: got {} and {} values",
+    )
+    rec, tw, n_dropped = rec[keep], tw[keep], _n_dropped(keep)
     diffs = rec - tw  # (n,)
     n = int(diffs.size)
     nan = math.nan
@@ -291,7 +309,7 @@ def contrasts_against_groups(
 
 
 @dataclass(frozen=True)
-class TrendTest:
+class TrendTest(AsDictMixin):
     """A monotone trend of values over ordered levels.
 
     Spearman's rho of (level, value) with scipy's p and a bootstrap CI over rows; the
@@ -321,9 +339,6 @@ class TrendTest:
     n_boot: int
     n_perm: int
     seed: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _jt_pair_scores(values: np.ndarray) -> np.ndarray:
@@ -399,6 +414,50 @@ def _tail_p(null: np.ndarray, observed: float, center: float, alternative: str) 
     return np.abs(null - center) >= abs(observed - center) - tolerance
 
 
+@dataclass(frozen=True)
+class _ObservedJT:
+    """The observed Jonckheere-Terpstra statistic and what its null distributions need."""
+
+    scores: np.ndarray  # (n, n) pair scores of the values
+    codes: np.ndarray  # (n,) level code of every row
+    group_sizes: np.ndarray  # (n_levels,) rows per level
+    statistic: float
+    expected: float  # null mean of J
+
+
+def _jt_normal_p(z: float, alternative: str) -> float:
+    """p of the standardised J statistic ``z`` from the normal approximation."""
+    if alternative == "increasing":
+        return float(scipy.stats.norm.sf(z))
+    if alternative == "decreasing":
+        return float(scipy.stats.norm.cdf(z))
+    return float(2 * scipy.stats.norm.sf(abs(z)))
+
+
+def _jt_exact_p(observed: _ObservedJT, alternative: str) -> float:
+    """p of J over every distinct assignment of the values to the level groups."""
+    count = _multinomial_count(observed.group_sizes.tolist())
+    if count > JT_EXACT_MAX_ARRANGEMENTS:
+        raise ConfigError(
+            f"exact trend test would enumerate {count} assignments (limit "
+            f"{JT_EXACT_MAX_ARRANGEMENTS}): use method='permutation' or 'normal'"
+        )
+    arrangements = _distinct_arrangements(observed.group_sizes.tolist())
+    null = _jt_statistics(observed.scores, arrangements)
+    return float(_tail_p(null, observed.statistic, observed.expected, alternative).mean())
+
+
+def _jt_permutation_p(observed: _ObservedJT, alternative: str, n_perm: int, seed: int) -> float:
+    """p of J over ``n_perm`` random shuffles of the level codes: (1 + extreme) / (1 + n_perm)."""
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for _, size in _chunks(n_perm):
+        shuffled = rng.permuted(np.tile(observed.codes, (size, 1)), axis=1)  # (chunk, n)
+        null = _jt_statistics(observed.scores, shuffled)
+        extreme += int(_tail_p(null, observed.statistic, observed.expected, alternative).sum())
+    return (1 + extreme) / (1 + n_perm)
+
+
 def trend_test(
     values: ArrayLike,
     levels: ArrayLike,
@@ -420,18 +479,13 @@ def trend_test(
     assignment, so they are meant for small n. ``alternative`` is "two-sided",
     "increasing" (values grow with level) or "decreasing".
     """
-    if method not in JT_METHODS:
-        raise ConfigError(f"unknown trend-test method {method!r}: choose one of {JT_METHODS}")
-    if alternative not in ALTERNATIVES:
-        raise ConfigError(f"unknown alternative {alternative!r}: choose one of {ALTERNATIVES}")
-    _check_positive(n_boot, "n_boot")
-    _check_positive(n_perm, "n_perm")
-    _check_ci(ci)
-    y, x = _vector(values, "values"), _vector(levels, "levels")
-    if y.size != x.size:
-        raise ConfigError(f"values and levels must be paired: got {y.size} and {x.size}")
-    keep = np.isfinite(y) & np.isfinite(x)
-    y, x, n_dropped = y[keep], x[keep], int(keep.size - keep.sum())
+    check_choice(method, JT_METHODS, "trend-test method")
+    check_choice(alternative, ALTERNATIVES, "alternative")
+    _check_resampling(n_boot, n_perm, ci)
+    y, x, keep = _paired_vectors(
+        values, levels, ("values", "levels"), "values and levels must be paired: got {} and {}"
+    )
+    y, x, n_dropped = y[keep], x[keep], _n_dropped(keep)
     distinct_levels, codes = np.unique(x, return_inverse=True)
     if y.size < 3 or distinct_levels.size < 2:
         raise ConfigError(
@@ -443,61 +497,29 @@ def trend_test(
     scores = _jt_pair_scores(y)  # (n, n)
     statistic = float(_jt_statistics(scores, codes[None, :])[0])
     expected, variance = _jt_null_moments(group_sizes, y)
+    observed = _ObservedJT(scores, codes, group_sizes, statistic, expected)
     reasons: list[str] = []
     z = (statistic - expected) / math.sqrt(variance) if variance > 0 else math.nan
     if variance <= 0:
         reasons.append("all values are tied: the Jonckheere-Terpstra test is undefined")
         p = math.nan
     elif method == "normal":
-        if alternative == "increasing":
-            p = float(scipy.stats.norm.sf(z))
-        elif alternative == "decreasing":
-            p = float(scipy.stats.norm.cdf(z))
-        else:
-            p = float(2 * scipy.stats.norm.sf(abs(z)))
+        p = _jt_normal_p(z, alternative)
     elif method == "exact":
-        count = _multinomial_count(group_sizes.tolist())
-        if count > JT_EXACT_MAX_ARRANGEMENTS:
-            raise ConfigError(
-                f"exact trend test would enumerate {count} assignments (limit "
-                f"{JT_EXACT_MAX_ARRANGEMENTS}): use method='permutation' or 'normal'"
-            )
-        null = _jt_statistics(scores, _distinct_arrangements(group_sizes.tolist()))
-        p = float(_tail_p(null, statistic, expected, alternative).mean())
+        p = _jt_exact_p(observed, alternative)
     else:
-        rng = np.random.default_rng(seed)
-        extreme = 0
-        for start in range(0, n_perm, _CHUNK):
-            size = min(_CHUNK, n_perm - start)
-            shuffled = rng.permuted(np.tile(codes, (size, 1)), axis=1)  # (chunk, n)
-            null = _jt_statistics(scores, shuffled)
-            extreme += int(_tail_p(null, statistic, expected, alternative).sum())
-        p = (1 + extreme) / (1 + n_perm)
+        p = _jt_permutation_p(observed, alternative, n_perm, seed)
     direction = (
         "increasing" if statistic > expected else "decreasing" if statistic < expected else "none"
     )
     return TrendTest(
-        n=int(y.size),
-        n_dropped=n_dropped,
-        n_levels=int(distinct_levels.size),
-        spearman_rho=spearman.r,
-        spearman_p=spearman.p,
-        spearman_ci_low=spearman.ci_low,
-        spearman_ci_high=spearman.ci_high,
-        jt_statistic=statistic,
-        jt_expected=expected,
-        jt_variance=variance,
-        jt_z=z,
-        jt_p=p,
-        jt_method=method,
-        direction=direction,
-        alternative=alternative,
-        reason=_join(reasons),
-        ci=ci,
-        n_boot=n_boot,
-        n_perm=n_perm,
-        seed=seed,
-    )
+        n=int(y.size), n_dropped=n_dropped, n_levels=int(distinct_levels.size),
+        spearman_rho=spearman.r, spearman_p=spearman.p,
+        spearman_ci_low=spearman.ci_low, spearman_ci_high=spearman.ci_high,
+        jt_statistic=statistic, jt_expected=expected, jt_variance=variance, jt_z=z, jt_p=p,
+        jt_method=method, direction=direction, alternative=alternative, reason=_join(reasons),
+        ci=ci, n_boot=n_boot, n_perm=n_perm, seed=seed,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- clustered rows
@@ -573,7 +595,7 @@ def _row_correlations(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ClusterCorrelation:
+class ClusterCorrelation(AsDictMixin):
     """A correlation over all rows whose CI and p respect clusters of dependent rows.
 
     ``r`` is the ordinary correlation over all usable rows; ``naive_p`` is scipy's p that
@@ -599,9 +621,6 @@ class ClusterCorrelation:
     n_boot: int
     n_perm: int
     seed: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _cluster_bootstrap_weights(
@@ -632,6 +651,83 @@ def _block_permutation_index(
         source = block[order].reshape(size, -1)  # (size, k_s * m)
         index[:, block.reshape(-1)] = source
     return index
+
+
+def _renumbered(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Cluster codes (n,) renumbered 0..K-1 in order of appearance, and K (0 for no rows)."""
+    codes = pd.factorize(codes, sort=False)[0].astype(np.int64)
+    return codes, int(codes.max()) + 1 if codes.size else 0
+
+
+def _cluster_null(null: str, x: np.ndarray, codes: np.ndarray, n_clusters: int) -> tuple[str, int]:
+    """(the null used, the number of clusters it can move) for ``null`` ("auto", "cluster-x"
+    or "blocks"); ConfigError for "cluster-x" when x varies within a cluster."""
+    cluster_x_constant = bool(
+        codes.size and all(np.ptp(x[codes == c]) == 0 for c in range(n_clusters))
+    )
+    chosen_null = (
+        (NULL_CLUSTER_X if cluster_x_constant else NULL_BLOCKS) if null == "auto" else null
+    )
+    if chosen_null == NULL_CLUSTER_X and codes.size and not cluster_x_constant:
+        raise ConfigError(
+            "null='cluster-x' needs x constant within every cluster: use null='blocks' for "
+            "row-level x"
+        )
+    if chosen_null == NULL_CLUSTER_X:
+        return chosen_null, n_clusters
+    sizes = np.bincount(codes, minlength=n_clusters) if codes.size else np.zeros(0, int)
+    size_counts = np.bincount(sizes) if sizes.size else np.zeros(0, int)
+    return chosen_null, int(sum(count for count in size_counts if count >= 2))
+
+
+@dataclass(frozen=True)
+class _ClusteredRows:
+    """Usable rows of a clustered correlation: x, y (n,) and cluster codes (n,) 0..K-1."""
+
+    x: np.ndarray
+    y: np.ndarray
+    codes: np.ndarray
+    n_clusters: int
+
+
+def _cluster_bootstrap_interval(
+    rows: _ClusteredRows, method: str, n_boot: int, ci: float, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Percentile CI of the correlation over ``n_boot`` cluster bootstrap resamples."""
+    estimates = np.empty(n_boot, dtype=np.float64)
+    for start, size in _chunks(n_boot):
+        weights = _cluster_bootstrap_weights(rows.codes, rows.n_clusters, size, rng)  # (chunk, n)
+        estimates[start : start + size] = _weighted_correlation(rows.x, rows.y, weights, method)
+    return percentile_interval(estimates, ci)
+
+
+def _cluster_permutation_p(
+    rows: _ClusteredRows,
+    r: float,
+    method: str,
+    null: str,
+    n_perm: int,
+    rng: np.random.Generator,
+) -> float:
+    """Two-sided p of the correlation ``r`` under ``n_perm`` draws of the cluster permutation
+    ``null`` ("cluster-x" or "blocks"): (1 + #{|r_null| >= |r|}) / (1 + n_perm)."""
+    x, y, codes, n_clusters = rows.x, rows.y, rows.codes, rows.n_clusters
+    cluster_x = np.zeros(n_clusters)
+    np.add.at(cluster_x, codes, x)
+    cluster_x /= np.bincount(codes, minlength=n_clusters)
+    tolerance = 1e-12
+    extreme = 0
+    for _, size in _chunks(n_perm):
+        if null == NULL_CLUSTER_X:
+            order = rng.permuted(np.tile(np.arange(n_clusters), (size, 1)), axis=1)  # (chunk, K)
+            x_null = cluster_x[order][:, codes]  # (chunk, n)
+            y_null = np.broadcast_to(y, x_null.shape)  # (chunk, n)
+        else:
+            y_null = y[_block_permutation_index(codes, n_clusters, size, rng)]  # (chunk, n)
+            x_null = np.broadcast_to(x, y_null.shape)  # (chunk, n)
+        null_r = _row_correlations(x_null, y_null, method)  # (chunk,)
+        extreme += int((np.abs(null_r) >= abs(r) - tolerance).sum())
+    return (1 + extreme) / (1 + n_perm)
 
 
 def cluster_correlation(
@@ -676,40 +772,16 @@ def cluster_correlation(
     "spearman". The correlation is NaN with a reason when fewer than 3 rows remain or a
     variable is constant; p is NaN with a reason when fewer than 2 clusters can be permuted.
     """
-    if method not in CORRELATION_METHODS:
-        raise ConfigError(f"unknown correlation {method!r}: choose one of {CORRELATION_METHODS}")
-    if null not in CLUSTER_NULLS:
-        raise ConfigError(f"unknown cluster null {null!r}: choose one of {CLUSTER_NULLS}")
-    _check_positive(n_boot, "n_boot")
-    _check_positive(n_perm, "n_perm")
-    _check_ci(ci)
-    x, y = _vector(x, "x"), _vector(y, "y")
-    if x.size != y.size:
-        raise ConfigError(f"x and y must be paired: got {x.size} and {y.size} values")
+    check_choice(method, CORRELATION_METHODS, "correlation")
+    check_choice(null, CLUSTER_NULLS, "cluster null")
+    _check_resampling(n_boot, n_perm, ci)
+    x, y, keep = _paired_vectors(x, y, ("x", "y"), "x and y must be paired: got {} and {} values")
     if x.size < 3:
         raise ConfigError(f"cluster_correlation needs at least 3 rows, got {x.size}")
     codes = _cluster_codes(clusters, x.size)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y, codes, n_dropped = x[keep], y[keep], codes[keep], int(keep.size - keep.sum())
-    codes = pd.factorize(codes, sort=False)[0].astype(np.int64)  # renumber surviving clusters
-    n_clusters = int(codes.max()) + 1 if codes.size else 0
-    cluster_x_constant = bool(
-        codes.size and all(np.ptp(x[codes == c]) == 0 for c in range(n_clusters))
-    )
-    chosen_null = (
-        (NULL_CLUSTER_X if cluster_x_constant else NULL_BLOCKS) if null == "auto" else null
-    )
-    if chosen_null == NULL_CLUSTER_X and codes.size and not cluster_x_constant:
-        raise ConfigError(
-            "null='cluster-x' needs x constant within every cluster: use null='blocks' for "
-            "row-level x"
-        )
-    sizes = np.bincount(codes, minlength=n_clusters) if codes.size else np.zeros(0, int)
-    if chosen_null == NULL_CLUSTER_X:
-        exchangeable = n_clusters
-    else:
-        size_counts = np.bincount(sizes) if sizes.size else np.zeros(0, int)
-        exchangeable = int(sum(count for count in size_counts if count >= 2))
+    x, y, codes, n_dropped = x[keep], y[keep], codes[keep], _n_dropped(keep)
+    codes, n_clusters = _renumbered(codes)  # renumber surviving clusters
+    chosen_null, exchangeable = _cluster_null(null, x, codes, n_clusters)
     nan = math.nan
 
     def result(r, p, low, high, naive_p, reason):
@@ -729,37 +801,17 @@ def cluster_correlation(
     if n_clusters < 2:
         reasons.append("only 1 cluster: no cluster bootstrap or permutation is possible")
         return result(r, nan, nan, nan, naive_p, _join(reasons))
-    estimates = np.empty(n_boot, dtype=np.float64)
-    for start in range(0, n_boot, _CHUNK):
-        size = min(_CHUNK, n_boot - start)
-        weights = _cluster_bootstrap_weights(codes, n_clusters, size, rng)  # (chunk, n)
-        estimates[start : start + size] = _weighted_correlation(x, y, weights, method)
-    low, high = _percentile_interval(estimates, ci)
+    rows = _ClusteredRows(x, y, codes, n_clusters)
+    low, high = _cluster_bootstrap_interval(rows, method, n_boot, ci, rng)
     if exchangeable < 2:
         reasons.append("no two clusters have the same size: the block permutation is impossible")
         return result(r, nan, low, high, naive_p, _join(reasons))
-    cluster_x = np.zeros(n_clusters)
-    np.add.at(cluster_x, codes, x)
-    cluster_x /= sizes
-    tolerance = 1e-12
-    extreme = 0
-    for start in range(0, n_perm, _CHUNK):
-        size = min(_CHUNK, n_perm - start)
-        if chosen_null == NULL_CLUSTER_X:
-            order = rng.permuted(np.tile(np.arange(n_clusters), (size, 1)), axis=1)  # (chunk, K)
-            x_null = cluster_x[order][:, codes]  # (chunk, n)
-            y_null = np.broadcast_to(y, x_null.shape)  # (chunk, n)
-        else:
-            y_null = y[_block_permutation_index(codes, n_clusters, size, rng)]  # (chunk, n)
-            x_null = np.broadcast_to(x, y_null.shape)  # (chunk, n)
-        null_r = _row_correlations(x_null, y_null, method)  # (chunk,)
-        extreme += int((np.abs(null_r) >= abs(r) - tolerance).sum())
-    p = (1 + extreme) / (1 + n_perm)
+    p = _cluster_permutation_p(rows, r, method, chosen_null, n_perm, rng)
     return result(r, p, low, high, naive_p, _join(reasons))
 
 
 @dataclass(frozen=True)
-class ClusterBootstrapCI:
+class ClusterBootstrapCI(AsDictMixin):
     """Mean over all rows with a cluster bootstrap CI (percentile). Unpacks as
     ``low, high``."""
 
@@ -777,9 +829,6 @@ class ClusterBootstrapCI:
     def __iter__(self):
         return iter((self.low, self.high))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def cluster_bootstrap_mean(
     values: ArrayLike,
@@ -795,20 +844,19 @@ def cluster_bootstrap_mean(
     their size), e.g. per-prompt transfer % clustered by source prompt. Non-finite values
     are dropped and counted. The CI is NaN with a reason when fewer than 2 clusters remain.
     """
-    _check_positive(n_boot, "n_boot")
-    _check_ci(ci)
+    check_positive_int(n_boot, "n_boot")
+    check_ci(ci)
     v = _vector(values, "values")
     if v.size < 1:
         raise ConfigError("cluster_bootstrap_mean needs at least one value")
     codes = _cluster_codes(clusters, v.size)
     keep = np.isfinite(v)
-    v, codes, n_dropped = v[keep], codes[keep], int(keep.size - keep.sum())
+    v, codes, n_dropped = v[keep], codes[keep], _n_dropped(keep)
     if v.size == 0:
         return ClusterBootstrapCI(
             math.nan, math.nan, math.nan, 0, n_dropped, 0, "no finite values", ci, n_boot, seed
         )
-    codes = pd.factorize(codes, sort=False)[0].astype(np.int64)
-    n_clusters = int(codes.max()) + 1
+    codes, n_clusters = _renumbered(codes)
     estimate = float(v.mean())
     if n_clusters < 2:
         reason = "only 1 cluster: the cluster bootstrap CI is undefined"
@@ -820,7 +868,7 @@ def cluster_bootstrap_mean(
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_boot)
     estimates = (counts @ sums) / (counts @ sizes)  # (n_boot,)
-    low, high = _percentile_interval(estimates, ci)
+    low, high = percentile_interval(estimates, ci)
     return ClusterBootstrapCI(
         estimate, low, high, int(v.size), n_dropped, n_clusters, None, ci, n_boot, seed
     )

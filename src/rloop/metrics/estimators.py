@@ -43,17 +43,17 @@ from rloop.metrics.participation import (
     REASON_NON_FINITE,
     REASON_ZERO_WINDOW,
     Reasons,
-    _as_tensor,
-    _check_mode,
-    _check_window_matrix,
-    _window_status,
+    as_tensor,
+    check_mode,
+    check_window_matrix,
+    window_status,
 )
 
 REASON_NO_OVERLAP = "no two rows overlap (pairwise orthogonal or a single non-zero row)"
 
 
 def _check_corrected_window(x: torch.Tensor, name: str) -> None:
-    _check_window_matrix(x, name)
+    check_window_matrix(x, name)
     if x.shape[-2] < 2:
         raise ConfigError(f"{name} needs at least 2 rows per window, got W = {x.shape[-2]}")
 
@@ -82,9 +82,9 @@ def unbiased_trace_moments(x: torch.Tensor | ArrayLike) -> tuple[torch.Tensor, t
     """Unbiased estimates of (tr M)^2 and tr(M^2), M = E[x x^T] the uncentred second-moment
     matrix of the rows, from windows x (..., W, d), W >= 2 -> two (...) float64 tensors in
     the units of x to the fourth power. NaN for a non-finite window."""
-    x = _as_tensor(x)
+    x = as_tensor(x)
     _check_corrected_window(x, "unbiased_trace_moments")
-    non_finite, _ = _window_status(x)  # (...)
+    non_finite, _ = window_status(x)  # (...)
     t1, t2, scale = _scaled_moments(x)  # (...) each
     units = scale.pow(4)  # (...)
     t1 = torch.where(non_finite, torch.nan, t1 * units)  # (...)
@@ -95,7 +95,7 @@ def unbiased_trace_moments(x: torch.Tensor | ArrayLike) -> tuple[torch.Tensor, t
 def _corrected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(corrected PR, non_finite, zero, no_overlap) of windows x (..., W, d)."""
     _check_corrected_window(x, "participation_ratio_corrected")
-    non_finite, zero = _window_status(x)  # (...), (...)
+    non_finite, zero = window_status(x)  # (...), (...)
     t1, t2, _ = _scaled_moments(x)  # (...), (...)
     no_overlap = (t2 <= 0) & ~non_finite & ~zero  # (...)
     undefined = non_finite | zero | no_overlap  # (...)
@@ -108,7 +108,7 @@ def participation_ratio_corrected(x: torch.Tensor | ArrayLike) -> torch.Tensor:
     tr(M)^2 / tr(M^2) for the rows' uncentred second-moment matrix M (see the module
     docstring). >= 1, may exceed W. NaN for a zero or non-finite window, or when no two rows
     overlap (every x_i^T x_j = 0 for i != j)."""
-    return _corrected(_as_tensor(x))[0]
+    return _corrected(as_tensor(x))[0]
 
 
 def participation_ratio_corrected_with_reason(
@@ -117,7 +117,7 @@ def participation_ratio_corrected_with_reason(
     """Bias-corrected PR of windows x (..., W, d) -> (PR (...) float64, reasons): a nested
     list shaped like the leading dimensions (a single value for one window), None where the
     PR is a number, else "non-finite activations", "zero window" or the no-overlap reason."""
-    pr, non_finite, zero, no_overlap = _corrected(_as_tensor(x))
+    pr, non_finite, zero, no_overlap = _corrected(as_tensor(x))
     labels = np.full(tuple(pr.shape), None, dtype=object)
     labels[no_overlap.cpu().numpy()] = REASON_NO_OVERLAP
     labels[zero.cpu().numpy()] = REASON_ZERO_WINDOW
@@ -130,8 +130,8 @@ def window_pr_corrected(v: torch.Tensor | ArrayLike, mode: str) -> torch.Tensor:
     head's corrected PR; NaN if any head is NaN) or "whole" (corrected PR of the
     (W, H*D) matrix) -> (...) float64. The corrected counterpart of
     :func:`rloop.metrics.participation.window_pr`."""
-    _check_mode(mode)
-    v = _as_tensor(v)
+    check_mode(mode)
+    v = as_tensor(v)
     if v.dim() < 3:
         raise ConfigError(
             f"window_pr_corrected needs values of shape (..., W, H, D), got {v.shape}"

@@ -33,20 +33,22 @@ REASON_ZERO_WINDOW = "zero window"
 Reasons = list | str | None
 
 
-def _as_tensor(x) -> torch.Tensor:
+def as_tensor(x) -> torch.Tensor:
+    """``x`` as a torch tensor: tensors pass through, arrays and lists are converted."""
     if isinstance(x, torch.Tensor):
         return x
     return torch.as_tensor(np.asarray(x))
 
 
-def _check_window_matrix(x: torch.Tensor, name: str) -> None:
+def check_window_matrix(x: torch.Tensor, name: str) -> None:
+    """ConfigError unless x is non-empty windows (..., W, d); ``name`` is the caller."""
     if x.dim() < 2:
         raise ConfigError(f"{name} needs windows of shape (..., W, d), got shape {tuple(x.shape)}")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ConfigError(f"{name} got an empty window of shape {tuple(x.shape[-2:])}")
 
 
-def _window_status(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def window_status(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(non_finite, zero) boolean masks of shape (...) for windows x (..., W, d)."""
     non_finite = ~torch.isfinite(x).flatten(-2).all(dim=-1)  # (...)
     zero = (x == 0).flatten(-2).all(dim=-1) & ~non_finite  # (...)
@@ -66,8 +68,8 @@ def _participation_ratio(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     Stays on x's device and never synchronises with it (no reasons are built here), so
     sweeps can call it once per chunk without stalling a GPU.
     """
-    _check_window_matrix(x, "participation_ratio")
-    non_finite, zero = _window_status(x)  # (...), (...)
+    check_window_matrix(x, "participation_ratio")
+    non_finite, zero = window_status(x)  # (...), (...)
     x64 = torch.where(torch.isfinite(x), x, 0).to(torch.float64)  # (..., W, d)
     # Divide each window by its largest |entry| (PR is scale invariant) so that the fourth
     # powers in ||G||_F^2 neither overflow nor underflow.
@@ -89,14 +91,14 @@ def participation_ratio_with_reason(x) -> tuple[torch.Tensor, Reasons]:
     window): None where PR is a number, "non-finite activations" or "zero window" where it
     is NaN.
     """
-    pr, non_finite, zero = _participation_ratio(_as_tensor(x))
+    pr, non_finite, zero = _participation_ratio(as_tensor(x))
     return pr, _reasons(non_finite, zero)
 
 
 def participation_ratio(x) -> torch.Tensor:
     """PR of windows x (..., W, d), any float dtype -> (...) float64; NaN for a zero or
     non-finite window. Computed from the W x W Gram matrix in float64 (no SVD)."""
-    return _participation_ratio(_as_tensor(x))[0]
+    return _participation_ratio(as_tensor(x))[0]
 
 
 def _heads_first(v: torch.Tensor, name: str) -> torch.Tensor:
@@ -107,7 +109,7 @@ def _heads_first(v: torch.Tensor, name: str) -> torch.Tensor:
 
 def pr_per_head(v) -> torch.Tensor:
     """PR of each head's window: v (..., W, H, D) -> (..., H) float64."""
-    v = _as_tensor(v)
+    v = as_tensor(v)
     return participation_ratio(_heads_first(v, "pr_per_head"))  # (..., H)
 
 
@@ -121,13 +123,14 @@ def pr_per_head_mean(v) -> torch.Tensor:
 def pr_whole(v) -> torch.Tensor:
     """PR of the concatenated-heads window: v (..., W, H, D) -> (...) float64, the PR of the
     (W, H*D) matrix."""
-    v = _as_tensor(v)
+    v = as_tensor(v)
     if v.dim() < 3:
         raise ConfigError(f"pr_whole needs values of shape (..., W, H, D), got {tuple(v.shape)}")
     return participation_ratio(v.flatten(-2))  # (..., W, H*D) -> (...)
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
+    """ConfigError unless ``mode`` is one of PR_MODES."""
     if mode not in PR_MODES:
         raise ConfigError(f"unknown PR mode {mode!r}: choose one of {', '.join(PR_MODES)}")
 
@@ -138,8 +141,8 @@ def window_pr_with_reason(v, mode: str) -> tuple[torch.Tensor, Reasons]:
     "per-head": mean over heads of each head's PR (NaN if any head is NaN; the reason names
     the first such head). "whole": PR of the (W, H*D) matrix.
     """
-    _check_mode(mode)
-    v = _as_tensor(v)
+    check_mode(mode)
+    v = as_tensor(v)
     if mode == PR_MODE_WHOLE:
         if v.dim() < 3:
             raise ConfigError(f"window_pr needs values of shape (..., W, H, D), got {v.shape}")
@@ -157,8 +160,8 @@ def window_pr(v, mode: str) -> torch.Tensor:
     """PR of v (..., W, H, D) in mode "per-head" (mean over heads) or "whole" -> (...) float64.
     Raises ConfigError for any other mode. Same numbers as :func:`window_pr_with_reason`,
     without building reasons (no host synchronisation)."""
-    _check_mode(mode)
-    v = _as_tensor(v)
+    check_mode(mode)
+    v = as_tensor(v)
     if mode == PR_MODE_WHOLE:
         return pr_whole(v)  # (...)
     return pr_per_head_mean(v)  # (...)
@@ -171,9 +174,9 @@ def singular_spectrum(x) -> torch.Tensor:
     before the square root. Singular values below about 1e-8 * s_max are not resolved (they
     come out near 0). All zeros for a zero window, NaN for a non-finite one.
     """
-    x = _as_tensor(x)
-    _check_window_matrix(x, "singular_spectrum")
-    non_finite, _ = _window_status(x)  # (...)
+    x = as_tensor(x)
+    check_window_matrix(x, "singular_spectrum")
+    non_finite, _ = window_status(x)  # (...)
     x64 = torch.where(torch.isfinite(x), x, 0).to(torch.float64)  # (..., W, d)
     scale = x64.abs().amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
     scale = torch.where(scale > 0, scale, 1.0)  # (..., 1, 1)
@@ -206,8 +209,8 @@ def r_v(pr_late, pr_early):
     never inf or 0.
     """
     if isinstance(pr_late, torch.Tensor) or isinstance(pr_early, torch.Tensor):
-        late = _as_tensor(pr_late).to(torch.float64)
-        early = _as_tensor(pr_early).to(torch.float64).to(late.device)
+        late = as_tensor(pr_late).to(torch.float64)
+        early = as_tensor(pr_early).to(torch.float64).to(late.device)
         valid = torch.isfinite(late) & torch.isfinite(early) & (early != 0)
         return torch.where(valid, late / torch.where(valid, early, 1.0), torch.nan)
     late = np.asarray(pr_late, dtype=np.float64)
@@ -226,7 +229,7 @@ def differentiable_participation_ratio(x: torch.Tensor) -> torch.Tensor:
     to ``x`` in its own dtype. A zero window gives NaN with zero gradient; non-finite input
     gives NaN.
     """
-    _check_window_matrix(x, "differentiable_participation_ratio")
+    check_window_matrix(x, "differentiable_participation_ratio")
     compute_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     x64 = x.to(compute_dtype)  # (..., W, d)
     gram = x64 @ x64.mT  # (..., W, W)

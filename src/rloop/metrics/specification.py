@@ -20,7 +20,7 @@ moves the effect most.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike
 from scipy.special import gammaln
 
 from rloop.errors import ConfigError
+from rloop.metrics.stats import check_choice, check_ci, check_positive_int
 
 SPEC_EFFECTS = ("hedges_g", "d_z")
 DESIGN_UNPAIRED = "unpaired"
@@ -160,6 +161,35 @@ def _joint_p(observed: float, null: np.ndarray, absolute: bool) -> float:
     return float((1 + extreme.sum()) / (1 + null.size))
 
 
+_SUMMARY_FIELDS = (
+    "median_effect",
+    "share_significant_positive",
+    "share_significant_negative",
+    "p_median",
+    "p_share_significant",
+)
+
+
+def _joint_summary(
+    median: np.ndarray,
+    positive: np.ndarray,
+    negative: np.ndarray,
+    null_medians: np.ndarray,
+    null_share: np.ndarray,
+) -> dict[str, float]:
+    """The summary fields (``_SUMMARY_FIELDS``) from the observed median and shares
+    significant (each (1,)) and their null draws (n_perm,): null_share is the share in the
+    more frequent direction under each draw."""
+    share = max(float(positive[0]), float(negative[0]))
+    return dict(
+        median_effect=float(median[0]),
+        share_significant_positive=float(positive[0]),
+        share_significant_negative=float(negative[0]),
+        p_median=_joint_p(float(median[0]), null_medians, absolute=True),
+        p_share_significant=_joint_p(share, null_share, absolute=False),
+    )
+
+
 def specification_joint_test(
     effects: ArrayLike,
     p_values: ArrayLike,
@@ -195,11 +225,7 @@ def specification_joint_test(
     n_estimable = int(estimable.sum())
     result = {"n_specs": int(effects.size), "n_estimable": n_estimable}
     if n_estimable == 0:
-        nan = math.nan
-        return result | dict(
-            median_effect=nan, share_significant_positive=nan, share_significant_negative=nan,
-            p_median=nan, p_share_significant=nan,
-        )  # fmt: skip
+        return result | dict.fromkeys(_SUMMARY_FIELDS, math.nan)
     observed, null = effects[estimable][None, :], null_effects[:, estimable]
     obs_p, null_p = p_values[estimable][None, :], null_p_values[:, estimable]
     median, pos, neg = _curve_summary(
@@ -208,14 +234,7 @@ def specification_joint_test(
     with np.errstate(invalid="ignore"):
         null_pos, null_neg = (null_p < alpha) & (null > 0), (null_p < alpha) & (null < 0)
     null_median, null_sp, null_sn = _curve_summary(null, null_pos, null_neg, n_estimable)
-    share = max(pos[0], neg[0])
-    return result | dict(
-        median_effect=float(median[0]),
-        share_significant_positive=float(pos[0]),
-        share_significant_negative=float(neg[0]),
-        p_median=_joint_p(float(median[0]), null_median, absolute=True),
-        p_share_significant=_joint_p(share, np.maximum(null_sp, null_sn), absolute=False),
-    )
+    return result | _joint_summary(median, pos, neg, null_median, np.maximum(null_sp, null_sn))
 
 
 def _check_alpha(alpha: float) -> None:
@@ -224,12 +243,9 @@ def _check_alpha(alpha: float) -> None:
 
 
 def _check_inputs(values, labels, pairs, effect, n_perm, ci, alpha):
-    if effect not in SPEC_EFFECTS:
-        raise ConfigError(f"unknown effect {effect!r}: choose one of {SPEC_EFFECTS}")
-    if isinstance(n_perm, bool) or not isinstance(n_perm, int | np.integer) or n_perm < 1:
-        raise ConfigError(f"n_perm must be a positive integer, got {n_perm!r}")
-    if not 0.0 < ci < 1.0:
-        raise ConfigError(f"confidence level must be between 0 and 1 (e.g. 0.95), got {ci}")
+    check_choice(effect, SPEC_EFFECTS, "effect")
+    check_positive_int(n_perm, "n_perm")
+    check_ci(ci)
     _check_alpha(alpha)
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] == 0:
@@ -310,58 +326,114 @@ def specification_curve(
         )
     rng = np.random.default_rng(seed)
     if labels is not None:
-        design = DESIGN_UNPAIRED
-        target = _unpaired_labels(labels, values.shape[0])
-        present = np.isfinite(values)  # (n, S)
-        count = present.sum(axis=0).astype(np.float64)  # (S,)
-        # Standardise each column over its finite values: g is location-scale invariant, and
-        # the moment formulas below lose no precision on standardised values.
-        filled = np.where(present, values, 0.0)  # (n, S)
-        safe_count = np.maximum(count, 1.0)  # (S,)
-        center = filled.sum(axis=0) / safe_count  # (S,)
-        deviations = np.where(present, values - center, 0.0)  # (n, S)
-        spread = np.sqrt((deviations * deviations).sum(axis=0) / safe_count)  # (S,)
-        spread = np.where(spread > 0, spread, 1.0)
-        values0 = np.where(present, (values - center) / spread, 0.0)  # (n, S)
-        squares = values0 * values0  # (n, S)
-        present_f = present.astype(np.float64)  # (n, S)
-        totals = (count, values0.sum(axis=0), squares.sum(axis=0))  # (S,) each
-        correction = _hedges_correction(count - 2)  # (S,)
-        df = count - 2
-
-        def effects_for(rows: np.ndarray) -> _Moments:
-            return _unpaired_effects(rows, values0, squares, present_f, totals, correction)
-
-        observed = effects_for(target.astype(np.float64)[None, :])
-
-        def draws(size: int) -> np.ndarray:
-            base = np.tile(target.astype(np.float64), (size, 1))  # (size, n)
-            return rng.permuted(base, axis=1)
-
+        design = _unpaired_design(values, labels, rng)
     else:
-        design = DESIGN_PAIRED
-        diffs = _paired_differences(values, pairs)  # (n_pairs, S)
-        present = np.isfinite(diffs)
-        count = present.sum(axis=0).astype(np.float64)  # (S,)
-        filled = np.where(present, diffs, 0.0)  # (n_pairs, S)
-        rms = np.sqrt((filled * filled).sum(axis=0) / np.maximum(count, 1.0))  # (S,)
-        rms = np.where(rms > 0, rms, 1.0)
-        diffs0 = np.where(present, diffs / rms, 0.0)  # (n_pairs, S) scaled, never centred
-        total_sq = (diffs0 * diffs0).sum(axis=0)  # (S,)
-        df = count - 1
-
-        def effects_for(rows: np.ndarray) -> _Moments:
-            return _paired_effects(rows, diffs0, count, total_sq)
-
-        observed = effects_for(np.ones((1, diffs.shape[0])))
-
-        def draws(size: int) -> np.ndarray:
-            return rng.choice(np.array([-1.0, 1.0]), size=(size, diffs.shape[0]))
-
+        design = _paired_design(values, pairs, rng)
+    observed = design.effects_for(design.observed_rows)
     effect_obs = observed.effect[0]  # (S,)
     estimable = np.isfinite(effect_obs)
-    reasons = _not_estimable_reasons(design, count, observed, estimable)
     n_estimable = int(estimable.sum())
+    table, critical = _observed_table(design, observed, estimable, alpha, ci)
+    if spec_table is not None:
+        table = pd.concat([spec_table.reset_index(drop=True), table], axis=1)
+    null_medians, null_share = np.full(0, math.nan), np.full(0, math.nan)
+    summary = dict.fromkeys(_SUMMARY_FIELDS, math.nan)
+    if n_estimable:
+        keep = np.flatnonzero(estimable)
+        significant = np.abs(observed.t[:, keep]) > critical[keep]
+        median, pos, neg = _curve_summary(
+            effect_obs[keep][None, :],
+            significant & (effect_obs[keep] > 0),
+            significant & (effect_obs[keep] < 0),
+            n_estimable,
+        )
+        null_medians, null_share = _null_curve(design, keep, critical, n_perm)
+        summary = _joint_summary(median, pos, neg, null_medians, null_share)
+    return SpecificationCurve(
+        specs=table,
+        effect=effect,
+        design=design.name,
+        n_specs=n_specs,
+        n_estimable=n_estimable,
+        n_not_estimable=n_specs - n_estimable,
+        **summary,
+        null_medians=null_medians,
+        null_share_significant=null_share,
+        alpha=alpha,
+        ci=ci,
+        n_perm=n_perm,
+        seed=seed,
+    )
+
+
+@dataclass(frozen=True)
+class _Design:
+    """One design (two groups or pairs) over all specifications, ready for the observed
+    grouping and the null draws."""
+
+    name: str  # DESIGN_UNPAIRED or DESIGN_PAIRED
+    count: np.ndarray  # (S,) finite values (unpaired) or usable pairs (paired) per spec
+    df: np.ndarray  # (S,) degrees of freedom of each spec's t test
+    effects_for: Callable[[np.ndarray], _Moments]  # grouping rows (P, n) -> moments (P, S)
+    observed_rows: np.ndarray  # (1, n) the observed grouping
+    draws: Callable[[int], np.ndarray]  # size -> null groupings (size, n)
+
+
+def _unpaired_design(values: np.ndarray, labels: ArrayLike, rng: np.random.Generator) -> _Design:
+    """Two independent groups: rows are 0/1 target labels, null draws permute them."""
+    target = _unpaired_labels(labels, values.shape[0]).astype(np.float64)  # (n,)
+    present = np.isfinite(values)  # (n, S)
+    count = present.sum(axis=0).astype(np.float64)  # (S,)
+    # Standardise each column over its finite values: g is location-scale invariant, and
+    # the moment formulas lose no precision on standardised values.
+    filled = np.where(present, values, 0.0)  # (n, S)
+    safe_count = np.maximum(count, 1.0)  # (S,)
+    center = filled.sum(axis=0) / safe_count  # (S,)
+    deviations = np.where(present, values - center, 0.0)  # (n, S)
+    spread = np.sqrt((deviations * deviations).sum(axis=0) / safe_count)  # (S,)
+    spread = np.where(spread > 0, spread, 1.0)
+    values0 = np.where(present, (values - center) / spread, 0.0)  # (n, S)
+    squares = values0 * values0  # (n, S)
+    present_f = present.astype(np.float64)  # (n, S)
+    totals = (count, values0.sum(axis=0), squares.sum(axis=0))  # (S,) each
+    correction = _hedges_correction(count - 2)  # (S,)
+
+    def effects_for(rows: np.ndarray) -> _Moments:
+        return _unpaired_effects(rows, values0, squares, present_f, totals, correction)
+
+    def draws(size: int) -> np.ndarray:
+        return rng.permuted(np.tile(target, (size, 1)), axis=1)  # (size, n)
+
+    return _Design(DESIGN_UNPAIRED, count, count - 2, effects_for, target[None, :], draws)
+
+
+def _paired_design(values: np.ndarray, pairs: ArrayLike, rng: np.random.Generator) -> _Design:
+    """Minimal pairs: rows are signs of each pair's difference, null draws flip them."""
+    diffs = _paired_differences(values, pairs)  # (n_pairs, S)
+    present = np.isfinite(diffs)
+    count = present.sum(axis=0).astype(np.float64)  # (S,)
+    filled = np.where(present, diffs, 0.0)  # (n_pairs, S)
+    rms = np.sqrt((filled * filled).sum(axis=0) / np.maximum(count, 1.0))  # (S,)
+    rms = np.where(rms > 0, rms, 1.0)
+    diffs0 = np.where(present, diffs / rms, 0.0)  # (n_pairs, S) scaled, never centred
+    total_sq = (diffs0 * diffs0).sum(axis=0)  # (S,)
+    n_pairs = diffs.shape[0]
+
+    def effects_for(rows: np.ndarray) -> _Moments:
+        return _paired_effects(rows, diffs0, count, total_sq)
+
+    def draws(size: int) -> np.ndarray:
+        return rng.choice(np.array([-1.0, 1.0]), size=(size, n_pairs))
+
+    return _Design(DESIGN_PAIRED, count, count - 1, effects_for, np.ones((1, n_pairs)), draws)
+
+
+def _observed_table(
+    design: _Design, observed: _Moments, estimable: np.ndarray, alpha: float, ci: float
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """(per-specification table, critical |t| (S,) for significance at ``alpha``)."""
+    effect_obs, df, count = observed.effect[0], design.df, design.count  # (S,) each
+    reasons = _not_estimable_reasons(design.name, count, observed, estimable)
     with np.errstate(invalid="ignore"):
         critical = scipy.stats.t.ppf(1 - alpha / 2, np.where(df >= 1, df, 1))  # (S,)
         p_obs = np.where(
@@ -369,7 +441,7 @@ def specification_curve(
         )
     n_t, n_c = observed.n_target[0], observed.n_control[0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        if design == DESIGN_UNPAIRED:
+        if design.name == DESIGN_UNPAIRED:
             se = np.sqrt(1 / n_t + 1 / n_c + effect_obs**2 / (2 * (n_t + n_c)))
         else:
             se = np.sqrt(1 / count + effect_obs**2 / (2 * count))
@@ -386,61 +458,32 @@ def specification_curve(
             "reason": pd.Series(reasons, dtype=object),
         }
     )
-    ranks = np.full(n_specs, -1, dtype=np.int64)
-    ranks[np.flatnonzero(estimable)[np.argsort(effect_obs[estimable], kind="stable")]] = np.arange(
-        n_estimable
-    )
+    ranks = np.full(effect_obs.size, -1, dtype=np.int64)
+    order = np.flatnonzero(estimable)[np.argsort(effect_obs[estimable], kind="stable")]
+    ranks[order] = np.arange(order.size)
     table["curve_rank"] = ranks
-    if spec_table is not None:
-        table = pd.concat([spec_table.reset_index(drop=True), table], axis=1)
+    return table, critical
 
-    nan = math.nan
-    if n_estimable == 0:
-        return SpecificationCurve(
-            table, effect, design, n_specs, 0, n_specs, nan, nan, nan, nan, nan,
-            np.full(0, nan), np.full(0, nan), alpha, ci, n_perm, seed,
-        )  # fmt: skip
-    keep = np.flatnonzero(estimable)
-    significant = np.abs(observed.t[:, keep]) > critical[keep]
-    median, pos, neg = _curve_summary(
-        effect_obs[keep][None, :],
-        significant & (effect_obs[keep] > 0),
-        significant & (effect_obs[keep] < 0),
-        n_estimable,
-    )
+
+def _null_curve(
+    design: _Design, keep: np.ndarray, critical: np.ndarray, n_perm: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(median effect, share significant in the more frequent direction), each (n_perm,),
+    over the estimable specifications ``keep`` under every null draw of the design."""
     null_medians = np.empty(n_perm)
     null_share = np.empty(n_perm)
     for start in range(0, n_perm, _PERM_CHUNK):
         size = min(_PERM_CHUNK, n_perm - start)
-        moments = effects_for(draws(size))
+        moments = design.effects_for(design.draws(size))
         null_effect = moments.effect[:, keep]  # (chunk, S_est)
         with np.errstate(invalid="ignore"):
             null_sig = np.abs(moments.t[:, keep]) > critical[keep]  # NaN -> False
         m, sp, sn = _curve_summary(
-            null_effect, null_sig & (null_effect > 0), null_sig & (null_effect < 0), n_estimable
+            null_effect, null_sig & (null_effect > 0), null_sig & (null_effect < 0), keep.size
         )
         null_medians[start : start + size] = m
         null_share[start : start + size] = np.maximum(sp, sn)
-    observed_share = max(float(pos[0]), float(neg[0]))
-    return SpecificationCurve(
-        specs=table,
-        effect=effect,
-        design=design,
-        n_specs=n_specs,
-        n_estimable=n_estimable,
-        n_not_estimable=n_specs - n_estimable,
-        median_effect=float(median[0]),
-        share_significant_positive=float(pos[0]),
-        share_significant_negative=float(neg[0]),
-        p_median=_joint_p(float(median[0]), null_medians, absolute=True),
-        p_share_significant=_joint_p(observed_share, null_share, absolute=False),
-        null_medians=null_medians,
-        null_share_significant=null_share,
-        alpha=alpha,
-        ci=ci,
-        n_perm=n_perm,
-        seed=seed,
-    )
+    return null_medians, null_share
 
 
 def _not_estimable_reasons(

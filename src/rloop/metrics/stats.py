@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,7 +32,14 @@ CORRELATION_METHODS = ("pearson", "spearman")
 REASON_GAP_WITHIN_NOISE = "gap within noise"
 REASON_NON_FINITE = "non-finite input"
 
-_BOOT_CHUNK = 1000  # resamples per vectorized block: bounds memory at n_boot x n
+BOOT_CHUNK = 1000  # resamples per vectorized block: bounds memory at n_boot x n
+
+
+class AsDictMixin:
+    """``to_dict()`` for a result dataclass: its fields as a plain dict (``dataclasses.asdict``)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _values(values) -> np.ndarray:
@@ -49,17 +56,31 @@ def _finite(values) -> tuple[np.ndarray, int]:
     return array[keep], int(array.size - keep.sum())
 
 
-def _check_ci(ci: float) -> None:
+def check_ci(ci: float) -> None:
+    """ConfigError unless the confidence level ``ci`` lies strictly between 0 and 1."""
     if not 0.0 < ci < 1.0:
         raise ConfigError(f"confidence level must be between 0 and 1 (e.g. 0.95), got {ci}")
 
 
-def _check_count(count: int, name: str) -> None:
+def check_count(count: int, name: str) -> None:
+    """ConfigError unless ``count`` (e.g. n_boot) is at least 1."""
     if count < 1:
         raise ConfigError(f"{name} must be at least 1, got {count}")
 
 
-def _percentile_interval(estimates: np.ndarray, ci: float) -> tuple[float, float]:
+def check_positive_int(count: int, name: str) -> None:
+    """ConfigError unless ``count`` is an int (or numpy integer, not a bool) of at least 1."""
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {count!r}")
+
+
+def check_choice(value: object, choices: Sequence[object], what: str) -> None:
+    """ConfigError "unknown <what> <value>: choose one of <choices>" unless value is one."""
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}: choose one of {choices}")
+
+
+def percentile_interval(estimates: np.ndarray, ci: float) -> tuple[float, float]:
     """Percentile interval of bootstrap estimates, ignoring resamples where the statistic is
     undefined (NaN); NaN if fewer than half of the resamples are defined."""
     finite = estimates[np.isfinite(estimates)]
@@ -71,7 +92,7 @@ def _percentile_interval(estimates: np.ndarray, ci: float) -> tuple[float, float
 
 
 @dataclass(frozen=True)
-class BootstrapCI:
+class BootstrapCI(AsDictMixin):
     """A statistic, its percentile bootstrap CI, and what it was computed on.
 
     Unpacks as ``low, high = bootstrap_ci(...)``.
@@ -89,9 +110,6 @@ class BootstrapCI:
     def __iter__(self) -> Iterator[float]:
         return iter((self.low, self.high))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _bootstrap_statistic(
     values: np.ndarray, statistic: Callable, n_boot: int, rng: np.random.Generator
@@ -105,8 +123,8 @@ def _bootstrap_statistic(
         vectorized_ok = vectorized.shape == (2,)
     except TypeError:
         vectorized_ok = False
-    for start in range(0, n_boot, _BOOT_CHUNK):
-        stop = min(start + _BOOT_CHUNK, n_boot)
+    for start in range(0, n_boot, BOOT_CHUNK):
+        stop = min(start + BOOT_CHUNK, n_boot)
         resamples = values[rng.integers(0, n, size=(stop - start, n))]  # (chunk, n)
         if vectorized_ok:
             estimates[start:stop] = statistic(resamples, axis=1)
@@ -127,15 +145,15 @@ def bootstrap_ci(
     Non-finite values are dropped and counted in ``n_dropped``. With fewer than 2 finite
     values the CI is NaN (and the estimate is NaN with none).
     """
-    _check_ci(ci)
-    _check_count(n_boot, "n_boot")
+    check_ci(ci)
+    check_count(n_boot, "n_boot")
     finite, dropped = _finite(values)
     estimate = float(statistic(finite)) if finite.size else math.nan
     if finite.size < 2:
         return BootstrapCI(estimate, math.nan, math.nan, finite.size, dropped, ci, n_boot, seed)
     rng = np.random.default_rng(seed)
     estimates = _bootstrap_statistic(finite, statistic, n_boot, rng)
-    low, high = _percentile_interval(estimates, ci)
+    low, high = percentile_interval(estimates, ci)
     return BootstrapCI(estimate, low, high, finite.size, dropped, ci, n_boot, seed)
 
 
@@ -171,7 +189,7 @@ def _pooled_sd(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.sqrt(((n_a - 1) * var_a + (n_b - 1) * var_b) / (n_a + n_b - 2))
 
 
-def _cohens_d_along(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+def cohens_d_along(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     """(mean_a - mean_b) / pooled sd along ``axis``; NaN where the pooled sd is 0."""
     diff = np.mean(a, axis=axis) - np.mean(b, axis=axis)
     pooled = _pooled_sd(a, b, axis)
@@ -195,7 +213,7 @@ def cohens_d(a, b) -> float:
     a, b = _values(a), _values(b)
     if a.size < 2 or b.size < 2 or _any_non_finite(a, b):
         return math.nan
-    return float(_cohens_d_along(a, b))
+    return float(cohens_d_along(a, b))
 
 
 def hedges_g(a, b) -> float:
@@ -216,10 +234,9 @@ def effect_size_ci(
     resampling each group with replacement on its own. NaN if any value is non-finite
     (``n_dropped`` is then the count of non-finite values; drop them first, as ``contrast``
     does)."""
-    if kind not in EFFECT_SIZE_KINDS:
-        raise ConfigError(f"unknown effect size {kind!r}: choose one of {EFFECT_SIZE_KINDS}")
-    _check_ci(ci)
-    _check_count(n_boot, "n_boot")
+    check_choice(kind, EFFECT_SIZE_KINDS, "effect size")
+    check_ci(ci)
+    check_count(n_boot, "n_boot")
     a, b = _values(a), _values(b)
     n_bad = int((~np.isfinite(a)).sum() + (~np.isfinite(b)).sum())
     estimate = cohens_d(a, b) if kind == "cohens_d" else hedges_g(a, b)
@@ -229,12 +246,12 @@ def effect_size_ci(
     factor = 1.0 if kind == "cohens_d" else hedges_correction(n - 2)
     rng = np.random.default_rng(seed)
     estimates = np.empty(n_boot, dtype=np.float64)
-    for start in range(0, n_boot, _BOOT_CHUNK):
-        stop = min(start + _BOOT_CHUNK, n_boot)
+    for start in range(0, n_boot, BOOT_CHUNK):
+        stop = min(start + BOOT_CHUNK, n_boot)
         resampled_a = a[rng.integers(0, a.size, size=(stop - start, a.size))]  # (chunk, n_a)
         resampled_b = b[rng.integers(0, b.size, size=(stop - start, b.size))]  # (chunk, n_b)
-        estimates[start:stop] = factor * _cohens_d_along(resampled_a, resampled_b, axis=1)
-    low, high = _percentile_interval(estimates, ci)
+        estimates[start:stop] = factor * cohens_d_along(resampled_a, resampled_b, axis=1)
+    low, high = percentile_interval(estimates, ci)
     return BootstrapCI(estimate, low, high, n, 0, ci, n_boot, seed)
 
 
@@ -271,7 +288,7 @@ def permutation_test(a, b, n_perm: int = 10_000, seed: int = 0) -> float:
     Exact when the number of distinct relabellings is at most ``n_perm``, else ``n_perm``
     random relabellings (scipy.stats.permutation_test). NaN if a group is empty or any value
     is non-finite."""
-    _check_count(n_perm, "n_perm")
+    check_count(n_perm, "n_perm")
     a, b = _values(a), _values(b)
     if a.size < 1 or b.size < 1 or _any_non_finite(a, b):
         return math.nan
@@ -293,7 +310,7 @@ def permutation_test(a, b, n_perm: int = 10_000, seed: int = 0) -> float:
 
 
 @dataclass(frozen=True)
-class Contrast:
+class Contrast(AsDictMixin):
     """Recursive vs baseline: counts, means, difference, effect sizes and tests.
 
     diff = mean_recursive - mean_baseline; contraction_pct = (mean_baseline - mean_recursive)
@@ -324,9 +341,6 @@ class Contrast:
     n_boot: int
     n_perm: int
     seed: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def contrast(
@@ -449,7 +463,7 @@ def transfer_percent(
 
 
 @dataclass(frozen=True)
-class Correlation:
+class Correlation(AsDictMixin):
     """A correlation with its bootstrap CI over (x, y) pairs. Unpacks as
     ``r, p, ci_low, ci_high, n = correlation_with_ci(...)``."""
 
@@ -466,9 +480,6 @@ class Correlation:
 
     def __iter__(self) -> Iterator[float | int]:
         return iter((self.r, self.p, self.ci_low, self.ci_high, self.n))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -492,10 +503,9 @@ def correlation_with_ci(
     """Pearson or Spearman correlation of paired values x, y (n,) with scipy's p-value and a
     percentile bootstrap CI over pairs. Pairs with a non-finite value are dropped and
     counted; NaN with fewer than 3 pairs or a constant variable."""
-    if method not in CORRELATION_METHODS:
-        raise ConfigError(f"unknown correlation {method!r}: choose one of {CORRELATION_METHODS}")
-    _check_ci(ci)
-    _check_count(n_boot, "n_boot")
+    check_choice(method, CORRELATION_METHODS, "correlation")
+    check_ci(ci)
+    check_count(n_boot, "n_boot")
     x, y = _values(x), _values(y)
     if x.size != y.size:
         raise ConfigError(f"x and y must be paired: got {x.size} and {y.size} values")
@@ -509,15 +519,15 @@ def correlation_with_ci(
     r, p = float(result.statistic), float(result.pvalue)
     rng = np.random.default_rng(seed)
     estimates = np.empty(n_boot, dtype=np.float64)
-    for start in range(0, n_boot, _BOOT_CHUNK):
-        stop = min(start + _BOOT_CHUNK, n_boot)
+    for start in range(0, n_boot, BOOT_CHUNK):
+        stop = min(start + BOOT_CHUNK, n_boot)
         index = rng.integers(0, x.size, size=(stop - start, x.size))  # (chunk, n)
         xs, ys = x[index], y[index]  # (chunk, n)
         if method == "spearman":
             xs = scipy.stats.rankdata(xs, axis=1)  # (chunk, n)
             ys = scipy.stats.rankdata(ys, axis=1)  # (chunk, n)
         estimates[start:stop] = _pearson_rows(xs, ys)
-    low, high = _percentile_interval(estimates, ci)
+    low, high = percentile_interval(estimates, ci)
     return Correlation(r, p, low, high, x.size, dropped, method, ci, n_boot, seed)
 
 

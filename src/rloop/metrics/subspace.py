@@ -565,22 +565,12 @@ def bootstrap_principal_angles(
     low, high = torch.nanquantile(samples, levels, dim=0)  # (k,), (k,)
     defined = samples[~torch.isnan(samples[:, 0])]  # (n_defined, k)
     return AngleBootstrap(
-        k=k,
-        n_a=len(group_a),
-        n_b=len(group_b),
-        n_boot=n_boot,
-        ci=ci,
-        seed=seed,
-        center=center,
-        angles=angles,
-        samples=samples,
-        low=low,
-        high=high,
+        k=k, n_a=len(group_a), n_b=len(group_b), n_boot=n_boot, ci=ci, seed=seed, center=center,
+        angles=angles, samples=samples, low=low, high=high,
         sd=defined.std(dim=0) if defined.shape[0] > 1 else torch.full((k,), math.nan),
         overlap=float(torch.cos(angles).square().mean()),
-        overlap_samples=overlap_samples,
-        n_undefined=n_undefined,
-    )
+        overlap_samples=overlap_samples, n_undefined=n_undefined,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -208,66 +208,83 @@ def ablation_heatmaps(tables: Tables, manifest: Mapping) -> list[Figure]:
     frame = frame.dropna(subset=["layer", "head"])
     if frame.empty:
         raise SkipFigure("table heads has no numeric layer/head values")
+    early, late = _measured_layers(manifest)
+    measured = f" (R_V = PR L{late} / PR L{early})" if early is not None else ""
+    specs = [_HeatmapSpec("mean_impact", "ci_low", "ci_high", "R_V impact", True)]
+    if "mean_kl" in frame.columns:
+        specs.append(
+            _HeatmapSpec("mean_kl", "kl_ci_low", "kl_ci_high", "last-token KL (nats)", False)
+        )
+    return [_ablation_heatmap(frame, spec, measured) for spec in specs]
+
+
+@dataclass(frozen=True)
+class _HeatmapSpec:
+    """One heatmap of the heads table: the value column, its CI columns, what it measures,
+    and whether it is signed (a diverging colour scale centred on 0)."""
+
+    column: str
+    low_column: str
+    high_column: str
+    what: str
+    diverging: bool
+
+
+def _head_hover(record: Mapping, layer: int, head: int, spec: _HeatmapSpec, value: float) -> str:
+    """Hover text of one head's cell: value, CI, p, BH-adjusted p and rank when present."""
+    lines = [f"layer {layer}, head {head}", f"{spec.what}: {format_number(value)}"]
+    if spec.low_column in record and spec.high_column in record:
+        low, high = record[spec.low_column], record[spec.high_column]
+        lines.append(f"95% CI: [{format_number(low)}, {format_number(high)}]")
+    for name, label in (("p", "p"), ("p_bh", "p (BH)"), ("rank", "rank")):
+        if name in record:
+            lines.append(f"{label}: {format_number(record[name])}")
+    if "computed" in record and not bool(record["computed"]):
+        lines.append("not computed: at or after the late layer (exactly 0)")
+    return "<br>".join(lines)
+
+
+def _ablation_heatmap(frame: pd.DataFrame, spec: _HeatmapSpec, measured: str) -> Figure:
+    """The layer x head heatmap of ``spec.column`` from heads rows with numeric layer/head."""
     layers = sorted(int(x) for x in frame["layer"].unique())
     n_heads = int(frame["head"].max()) + 1
     row_of = {layer: i for i, layer in enumerate(layers)}
-    early, late = _measured_layers(manifest)
-    figures = []
-    specs = [("mean_impact", "ci_low", "ci_high", "R_V impact", True)]
-    if "mean_kl" in frame.columns:
-        specs.append(("mean_kl", "kl_ci_low", "kl_ci_high", "last-token KL (nats)", False))
-    for column, low_col, high_col, what, diverging in specs:
-        z = np.full((len(layers), n_heads), np.nan)  # (layers, heads)
-        hover = np.full((len(layers), n_heads), "no value", dtype=object)  # (layers, heads)
-        for row in frame.itertuples(index=False):
-            record = row._asdict()
-            i, j = row_of[int(record["layer"])], int(record["head"])
-            value = pd.to_numeric(record.get(column), errors="coerce")
-            z[i, j] = value
-            lines = [f"layer {layers[i]}, head {j}", f"{what}: {format_number(value)}"]
-            if low_col in record and high_col in record:
-                lines.append(
-                    f"95% CI: [{format_number(record[low_col])}, {format_number(record[high_col])}]"
-                )
-            for name, label in (("p", "p"), ("p_bh", "p (BH)"), ("rank", "rank")):
-                if name in record:
-                    lines.append(f"{label}: {format_number(record[name])}")
-            if "computed" in record and not bool(record["computed"]):
-                lines.append("not computed: at or after the late layer (exactly 0)")
-            hover[i, j] = "<br>".join(lines)
-        if not np.isfinite(z).any():
-            raise SkipFigure(f"table heads has no finite {column}")
-        scale = float(np.nanmax(np.abs(z))) or 1.0
-        heatmap = go.Heatmap(
-            z=z,
-            x=list(range(n_heads)),
-            y=[str(layer) for layer in layers],
-            text=hover,
-            hovertemplate="%{text}<extra></extra>",
-            colorscale="RdBu_r" if diverging else "Viridis",
-            zmid=0.0 if diverging else None,
-            zmin=-scale if diverging else None,
-            zmax=scale if diverging else None,
-            colorbar={"title": {"text": column}},
-        )
-        fig = go.Figure(heatmap)
-        measured = f" (R_V = PR L{late} / PR L{early})" if early is not None else ""
-        _layout(
-            fig,
-            f"{what} of ablating each head{measured}",
-            height=max(350, 22 * len(layers) + 150),
-            xaxis={"title": {"text": "head"}, "dtick": 1},
-            yaxis={"title": {"text": "layer"}, "autorange": "reversed", "type": "category"},
-        )
-        figures.append(
-            Figure(
-                key=f"ablation-heatmap-{_slug(column)}",
-                title=f"Head ablation: {column} by layer and head",
-                caption="Hover a cell for the value, its bootstrap 95% CI, p and BH-adjusted p.",
-                figure=fig,
-            )
-        )
-    return figures
+    z = np.full((len(layers), n_heads), np.nan)  # (layers, heads)
+    hover = np.full((len(layers), n_heads), "no value", dtype=object)  # (layers, heads)
+    for row in frame.itertuples(index=False):
+        record = row._asdict()
+        i, j = row_of[int(record["layer"])], int(record["head"])
+        value = pd.to_numeric(record.get(spec.column), errors="coerce")
+        z[i, j] = value
+        hover[i, j] = _head_hover(record, layers[i], j, spec, value)
+    if not np.isfinite(z).any():
+        raise SkipFigure(f"table heads has no finite {spec.column}")
+    scale = float(np.nanmax(np.abs(z))) or 1.0
+    heatmap = go.Heatmap(
+        z=z,
+        x=list(range(n_heads)),
+        y=[str(layer) for layer in layers],
+        text=hover,
+        hovertemplate="%{text}<extra></extra>",
+        colorscale="RdBu_r" if spec.diverging else "Viridis",
+        zmid=0.0 if spec.diverging else None,
+        zmin=-scale if spec.diverging else None,
+        zmax=scale if spec.diverging else None,
+        colorbar={"title": {"text": spec.column}},
+    )
+    fig = _layout(
+        go.Figure(heatmap),
+        f"{spec.what} of ablating each head{measured}",
+        height=max(350, 22 * len(layers) + 150),
+        xaxis={"title": {"text": "head"}, "dtick": 1},
+        yaxis={"title": {"text": "layer"}, "autorange": "reversed", "type": "category"},
+    )
+    return Figure(
+        key=f"ablation-heatmap-{_slug(spec.column)}",
+        title=f"Head ablation: {spec.column} by layer and head",
+        caption="Hover a cell for the value, its bootstrap 95% CI, p and BH-adjusted p.",
+        figure=fig,
+    )
 
 
 # ---------------------------------------------------------------------------- contraction
@@ -280,57 +297,55 @@ def pr_profiles(tables: Tables, manifest: Mapping) -> list[Figure]:
     if profile is None:
         return []
     _need(profile, "profile", ("group", "layer", "pr"))
-    early, late = _measured_layers(manifest)
-    figures = []
-    for mode in _modes(profile):
-        frame = _of_mode(profile, mode).copy()
-        frame["pr"] = _numeric(frame["pr"])
-        frame["layer"] = pd.to_numeric(frame["layer"], errors="coerce")
-        fig = go.Figure()
-        for k, (group, sub) in enumerate(frame.groupby("group", sort=True)):
-            stats = [
-                (layer, *_mean_sem(values["pr"]))
-                for layer, values in sub.groupby("layer", sort=True)
-            ]
-            fig.add_trace(
-                go.Scatter(
-                    x=[s[0] for s in stats],
-                    y=[s[1] for s in stats],
-                    mode="lines+markers",
-                    name=_escape(group),
-                    line={"color": _colour(k)},
-                    marker={"size": 5},
-                    customdata=[[format_number(s[2]), s[3]] for s in stats],
-                    hovertemplate=(
-                        f"group {_escape(group)}<br>layer %{{x}}<br>mean PR %{{y:.4g}}"
-                        "<br>SEM %{customdata[0]}<br>n %{customdata[1]}<extra></extra>"
-                    ),
-                )
-            )
-        if not fig.data:
-            raise SkipFigure("table profile has no rows")
-        for layer, label in ((early, "early"), (late, "late")):
-            if layer is not None:
-                fig.add_vline(
-                    x=layer,
-                    line={"dash": "dash", "color": "grey", "width": 1},
-                    annotation_text=f"{label} L{layer}",
-                )
-        _layout(
-            fig,
-            f"Participation ratio by layer{_mode_suffix(mode)}",
-            xaxis={"title": {"text": "layer"}},
-            yaxis={"title": {"text": "PR (mean over prompts)"}},
-        )
-        figures.append(
-            Figure(
-                key=f"pr-profile-{_slug(mode)}",
-                title=f"PR-by-layer profile per group{_mode_suffix(mode)}",
-                caption="Click a group in the legend to hide it; double-click to isolate it.",
-                figure=fig,
+    layers = _measured_layers(manifest)
+    return [_pr_profile(_of_mode(profile, mode).copy(), mode, layers) for mode in _modes(profile)]
+
+
+def _pr_profile(
+    frame: pd.DataFrame, mode: object, measured: tuple[int | None, int | None]
+) -> Figure:
+    """PR by layer of one PR mode's profile rows, a line per group; ``measured`` is the
+    (early, late) layer pair of R_V (None when unknown), marked with dashed lines."""
+    frame["pr"] = _numeric(frame["pr"])
+    frame["layer"] = pd.to_numeric(frame["layer"], errors="coerce")
+    fig = go.Figure()
+    for k, (group, sub) in enumerate(frame.groupby("group", sort=True)):
+        stats = [
+            (layer, *_mean_sem(values["pr"])) for layer, values in sub.groupby("layer", sort=True)
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=[s[0] for s in stats],
+                y=[s[1] for s in stats],
+                mode="lines+markers",
+                name=_escape(group),
+                line={"color": _colour(k)},
+                marker={"size": 5},
+                customdata=[[format_number(s[2]), s[3]] for s in stats],
+                hovertemplate=(
+                    f"group {_escape(group)}<br>layer %{{x}}<br>mean PR %{{y:.4g}}"
+                    "<br>SEM %{customdata[0]}<br>n %{customdata[1]}<extra></extra>"
+                ),
             )
         )
-    return figures
+    if not fig.data:
+        raise SkipFigure("table profile has no rows")
+    for layer, label in zip(measured, ("early", "late"), strict=True):
+        if layer is not None:
+            fig.add_vline(
+                x=layer,
+                line={"dash": "dash", "color": "grey", "width": 1},
+                annotation_text=f"{label} L{layer}",
+            )
+    _layout(
+        fig,
+        f"Participation ratio by layer{_mode_suffix(mode)}",
+        xaxis={"title": {"text": "layer"}},
+        yaxis={"title": {"text": "PR (mean over prompts)"}},
+    )
+    caption = "Click a group in the legend to hide it; double-click to isolate it."
+    title = f"PR-by-layer profile per group{_mode_suffix(mode)}"
+    return Figure(key=f"pr-profile-{_slug(mode)}", title=title, caption=caption, figure=fig)
 
 
 def _prompt_texts(results: pd.DataFrame, tables: Tables) -> pd.Series | None:
@@ -578,22 +593,8 @@ def spec_choice_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in SPEC_RESULT_COLUMNS]
 
 
-def spec_curves(tables: Tables, manifest: Mapping) -> list[Figure]:
-    """Specification curve: every specification's effect with its CI, sorted by effect, above
-    a panel that marks which choice each specification made (Simonsohn et al. 2020)."""
-    table = tables.get("spec_curve")
-    if table is None:
-        return []
-    _need(table, "spec_curve", SPEC_REQUIRED_COLUMNS)
-    frame = table.copy()
-    for column in SPEC_REQUIRED_COLUMNS:
-        frame[column] = _numeric(frame[column])
-    frame = frame[np.isfinite(frame["effect"])].sort_values("effect", ignore_index=True)
-    if frame.empty:
-        raise SkipFigure("table spec_curve has no finite effect")
-    choices = spec_choice_columns(frame)
-    rank = np.arange(1, len(frame) + 1)
-    excludes_zero = (frame["ci_low"] > 0) | (frame["ci_high"] < 0)
+def _spec_hover(frame: pd.DataFrame, choices: Sequence[str]) -> list[str]:
+    """Hover text per specification: effect, CI, p (when present) and its choices."""
     hover = []
     for _, row in frame.iterrows():
         lines = [f"effect {format_number(row['effect'])}"]
@@ -602,20 +603,20 @@ def spec_curves(tables: Tables, manifest: Mapping) -> list[Figure]:
             lines.append(f"p {format_number(row['p'])}")
         lines += [f"{_escape(c)}: {_escape(format_number(row[c]))}" for c in choices]
         hover.append("<br>".join(lines))
-    levels = [(c, str(v)) for c in choices for v in dict.fromkeys(frame[c].map(format_number))]
-    n_rows = 2 if levels else 1
-    fig = make_subplots(
-        rows=n_rows,
-        cols=1,
-        shared_xaxes=True,
-        row_heights=[0.6, 0.4] if levels else [1.0],
-        vertical_spacing=0.04,
-    )
+    return hover
+
+
+def _add_spec_effects(
+    fig: go.Figure, frame: pd.DataFrame, excludes_zero: np.ndarray, hover: Sequence[str]
+) -> None:
+    """Top panel: each specification's effect (sorted, x = rank from 1) with its CI as error
+    bars, one trace for CIs that exclude 0 and one for those that include it."""
+    rank = np.arange(1, len(frame) + 1)
     for significant, colour, name in (
         (True, "#d62728", "CI excludes 0"),
         (False, "grey", "CI includes 0"),
     ):
-        mask = (excludes_zero == significant).to_numpy()
+        mask = excludes_zero == significant
         if not mask.any():
             continue
         sub = frame[mask]
@@ -640,29 +641,64 @@ def spec_curves(tables: Tables, manifest: Mapping) -> list[Figure]:
             row=1,
             col=1,
         )
+
+
+def _add_spec_choices(
+    fig: go.Figure, frame: pd.DataFrame, levels: Sequence[tuple[str, str]]
+) -> None:
+    """Bottom panel: a tick per specification (x = rank) at each (choice = level) it made."""
+    rank = np.arange(1, len(frame) + 1)
+    labels = [_escape(f"{c} = {v}") for c, v in levels]
+    xs, ys = [], []
+    for column, value in levels:
+        hits = (frame[column].map(format_number) == value).to_numpy()
+        xs += list(rank[hits])
+        ys += [_escape(f"{column} = {value}")] * int(hits.sum())
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            marker={"symbol": "line-ns-open", "size": 10, "color": "#444"},
+            showlegend=False,
+            hovertemplate="spec %{x}: %{y}<extra></extra>",
+        ),
+        row=2,
+        col=1,
+    )
+    fig.update_yaxes(
+        type="category", categoryorder="array", categoryarray=labels[::-1], row=2, col=1
+    )
+
+
+def spec_curves(tables: Tables, manifest: Mapping) -> list[Figure]:
+    """Specification curve: every specification's effect with its CI, sorted by effect, above
+    a panel that marks which choice each specification made (Simonsohn et al. 2020)."""
+    table = tables.get("spec_curve")
+    if table is None:
+        return []
+    _need(table, "spec_curve", SPEC_REQUIRED_COLUMNS)
+    frame = table.copy()
+    for column in SPEC_REQUIRED_COLUMNS:
+        frame[column] = _numeric(frame[column])
+    frame = frame[np.isfinite(frame["effect"])].sort_values("effect", ignore_index=True)
+    if frame.empty:
+        raise SkipFigure("table spec_curve has no finite effect")
+    choices = spec_choice_columns(frame)
+    excludes_zero = (frame["ci_low"] > 0) | (frame["ci_high"] < 0)
+    levels = [(c, str(v)) for c in choices for v in dict.fromkeys(frame[c].map(format_number))]
+    n_rows = 2 if levels else 1
+    fig = make_subplots(
+        rows=n_rows,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.6, 0.4] if levels else [1.0],
+        vertical_spacing=0.04,
+    )
+    _add_spec_effects(fig, frame, excludes_zero.to_numpy(), _spec_hover(frame, choices))
     fig.add_hline(y=0, line={"color": "black", "width": 1}, row=1, col=1)
     if levels:
-        labels = [_escape(f"{c} = {v}") for c, v in levels]
-        xs, ys = [], []
-        for column, value in levels:
-            hits = (frame[column].map(format_number) == value).to_numpy()
-            xs += list(rank[hits])
-            ys += [_escape(f"{column} = {value}")] * int(hits.sum())
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="markers",
-                marker={"symbol": "line-ns-open", "size": 10, "color": "#444"},
-                showlegend=False,
-                hovertemplate="spec %{x}: %{y}<extra></extra>",
-            ),
-            row=2,
-            col=1,
-        )
-        fig.update_yaxes(
-            type="category", categoryorder="array", categoryarray=labels[::-1], row=2, col=1
-        )
+        _add_spec_choices(fig, frame, levels)
     fig.update_xaxes(title_text="specification (sorted by effect)", row=n_rows, col=1)
     fig.update_yaxes(title_text="effect", row=1, col=1)
     share = float(excludes_zero.mean())

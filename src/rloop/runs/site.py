@@ -41,20 +41,10 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 
 from rloop.errors import ConfigError
+from rloop.runs import layout
 from rloop.runs.figures import CompareInput, Figure, compare_figures, format_number, run_figures
 from rloop.runs.index import flatten, index_path, list_runs
-from rloop.runs.layout import (
-    MANIFEST_NAME,
-    PARTIAL_DIR,
-    PLOTS_DIR,
-    STATUS_COMPLETE,
-    STATUS_FAILED,
-    STATUS_RUNNING,
-    atomic_write,
-    atomic_write_text,
-    json_default,
-    path_slug,
-)
+from rloop.runs.layout import MANIFEST_NAME, PARTIAL_DIR, PLOTS_DIR, json_default, path_slug
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 ASSETS_DIR = "assets"
@@ -125,17 +115,18 @@ class RunRecord:
 
     @property
     def model(self) -> str:
-        manifest = self.manifest or {}
-        model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-        return str(model.get("name") or config.get("model") or "unknown")
+        return str(self._model_setting("name", "model") or "unknown")
 
     @property
     def revision(self) -> str:
+        return str(self._model_setting("revision", "revision") or "")
+
+    def _model_setting(self, model_key: str, config_key: str) -> object:
+        """The manifest's model[model_key], else its config[config_key] (None if neither)."""
         manifest = self.manifest or {}
         model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
         config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-        return str(model.get("revision") or config.get("revision") or "")
+        return model.get(model_key) or config.get(config_key)
 
     @property
     def started(self) -> str:
@@ -225,12 +216,12 @@ def load_run(run_dir: Path) -> RunRecord:
         status = SHOW_CORRUPTED
     else:
         state = manifest.get("status")
-        if state == STATUS_COMPLETE:
+        if state == layout.STATUS_COMPLETE:
             status = SHOW_COMPLETE
-        elif state == STATUS_FAILED:
+        elif state == layout.STATUS_FAILED:
             status = SHOW_FAILED
             reasons.append(f"failed: {manifest.get('error') or 'no error recorded'}")
-        elif state == STATUS_RUNNING:
+        elif state == layout.STATUS_RUNNING:
             status, reason = _process_state(manifest)
             reasons.append(reason)
         else:
@@ -617,7 +608,7 @@ def _write_if_changed(path: Path, text: str) -> None:
         if path.stat().st_size == len(data) and path.read_bytes() == data:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    layout.atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _copy_if_changed(source: Path, target: Path) -> None:
@@ -626,7 +617,7 @@ def _copy_if_changed(source: Path, target: Path) -> None:
         if src.st_size == dst.st_size and int(src.st_mtime) == int(dst.st_mtime):
             return
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, lambda tmp: shutil.copy2(source, tmp))
+    layout.atomic_write(target, lambda tmp: shutil.copy2(source, tmp))
 
 
 def write_assets(out_dir: Path) -> Path:
@@ -652,7 +643,7 @@ def _copy_run_files(record: RunRecord, data_dir: Path) -> dict[str, str | None]:
             elif table.frame is not None:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 frame = table.frame
-                atomic_write(target, lambda tmp, f=frame: f.to_csv(tmp, index=False))
+                layout.atomic_write(target, lambda tmp, f=frame: f.to_csv(tmp, index=False))
             else:
                 written[table.name] = None
                 continue
@@ -732,14 +723,27 @@ def build_site(runs_dir: Path, out_dir: Path, run_ids: list[str] | None = None) 
     _assign_page_ids(records)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
+    layout.atomic_write_text(
         out_dir / SITE_MARKER,
         json.dumps({"generator": "rloop report", "runs_dir": str(runs_dir.absolute())}) + "\n",
     )
     write_assets(out_dir)
     env = _environment()
     keep: set[Path] = set()
+    compare_hrefs = _write_compare_pages(env, out_dir, records, keep)
+    for record in records:
+        _write_run_page(env, out_dir, record, compare_hrefs.get(record.experiment), keep)
+    index = _write_index(env, out_dir, runs_dir, records, compare_hrefs)
+    _remove_stale(out_dir, keep)
+    return index
 
+
+def _write_compare_pages(
+    env: jinja2.Environment, out_dir: Path, records: Sequence[RunRecord], keep: set[Path]
+) -> dict[str, str]:
+    """One compare page per experiment with at least two usable runs (the newest
+    MAX_COMPARE_RUNS); adds the pages to ``keep`` and returns experiment -> href from the
+    index."""
     by_experiment: dict[str, list[RunRecord]] = {}
     for record in records:
         if record.manifest is not None and record.status != SHOW_CORRUPTED:
@@ -768,34 +772,52 @@ def build_site(runs_dir: Path, out_dir: Path, run_ids: list[str] | None = None) 
         _write_if_changed(page, html)
         keep.add(page.resolve())
         compare_hrefs[experiment] = f"compare/{page.name}"
+    return compare_hrefs
 
-    for record in records:
-        data_dir = out_dir / "runs" / record.page_id
-        page = out_dir / "runs" / f"{record.page_id}.html"
-        compare = compare_hrefs.get(record.experiment)
-        links = _PageLinks(
-            assets=f"../{ASSETS_DIR}/",
-            index="../index.html",
-            data=f"{record.page_id}/",
-            compare=f"../{compare}" if compare else None,
+
+def _write_run_page(
+    env: jinja2.Environment,
+    out_dir: Path,
+    record: RunRecord,
+    compare: str | None,
+    keep: set[Path],
+) -> None:
+    """The run's page and its copied files (``compare``: its compare page, from the index);
+    a page that cannot render becomes an error page and marks the run partial."""
+    data_dir = out_dir / "runs" / record.page_id
+    page = out_dir / "runs" / f"{record.page_id}.html"
+    links = _PageLinks(
+        assets=f"../{ASSETS_DIR}/",
+        index="../index.html",
+        data=f"{record.page_id}/",
+        compare=f"../{compare}" if compare else None,
+    )
+    try:
+        csv_names = _copy_run_files(record, data_dir)
+        hrefs = {k: f"{record.page_id}/{v}" if v else None for k, v in csv_names.items()}
+        html = env.get_template("run.html.j2").render(**_run_context(record, links, hrefs))
+    except Exception as err:  # one broken run must not stop the site
+        record.reasons.append(f"its page could not be rendered ({type(err).__name__}: {err})")
+        if record.status == SHOW_COMPLETE:
+            record.status = SHOW_PARTIAL
+        html = env.get_template("error.html.j2").render(
+            title=f"run {record.run_id}",
+            links=links,
+            message="; ".join(record.reasons),
         )
-        try:
-            csv_names = _copy_run_files(record, data_dir)
-            hrefs = {k: f"{record.page_id}/{v}" if v else None for k, v in csv_names.items()}
-            html = env.get_template("run.html.j2").render(**_run_context(record, links, hrefs))
-        except Exception as err:  # one broken run must not stop the site
-            record.reasons.append(f"its page could not be rendered ({type(err).__name__}: {err})")
-            if record.status == SHOW_COMPLETE:
-                record.status = SHOW_PARTIAL
-            html = env.get_template("error.html.j2").render(
-                title=f"run {record.run_id}",
-                links=links,
-                message="; ".join(record.reasons),
-            )
-        _write_if_changed(page, html)
-        keep.add(page.resolve())
-        keep |= _kept_files(data_dir)
+    _write_if_changed(page, html)
+    keep.add(page.resolve())
+    keep |= _kept_files(data_dir)
 
+
+def _write_index(
+    env: jinja2.Environment,
+    out_dir: Path,
+    runs_dir: Path,
+    records: Sequence[RunRecord],
+    compare_hrefs: dict[str, str],
+) -> Path:
+    """``index.html``: every run, the headline sections and the compare pages."""
     rows = [_index_row(r, compare_hrefs.get(r.experiment)) for r in records]
     index_html = env.get_template("index.html.j2").render(
         title="rloop runs",
@@ -811,7 +833,6 @@ def build_site(runs_dir: Path, out_dir: Path, run_ids: list[str] | None = None) 
     )
     index = out_dir / "index.html"
     _write_if_changed(index, index_html)
-    _remove_stale(out_dir, keep)
     return index
 
 
@@ -835,5 +856,5 @@ def write_run_report(run_dir: Path) -> Path:
     env = _environment()
     html = env.get_template("run.html.j2").render(**_run_context(record, links, hrefs))
     target = run_dir / REPORT_NAME
-    atomic_write_text(target, html)
+    layout.atomic_write_text(target, html)
     return target

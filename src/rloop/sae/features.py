@@ -19,11 +19,12 @@ import torch
 
 from rloop.errors import ConfigError
 from rloop.metrics.stats import (
-    _BOOT_CHUNK,
-    _check_ci,
-    _check_count,
-    _cohens_d_along,
+    BOOT_CHUNK,
     benjamini_hochberg,
+    check_choice,
+    check_ci,
+    check_count,
+    cohens_d_along,
     hedges_correction,
 )
 from rloop.metrics.subspace import orthonormal_basis
@@ -31,6 +32,9 @@ from rloop.sae.format import SparseAutoencoder
 
 DIFFERENTIAL_TESTS = ("welch", "mann-whitney")
 _FEATURE_BLOCK = 2048  # features per block of bootstrap means: bounds memory at n_boot x block
+
+# Feature activations of a group of prompts: (n, W, d_sae) or (n, d_sae), or (W_i, d_sae) each.
+FeatureActivations = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
 def _encode_rows(sae: SparseAutoencoder, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -76,7 +80,7 @@ def _window_width(window) -> int:
     return shape[-1]
 
 
-def _per_prompt_means(acts, name: str) -> np.ndarray:
+def _per_prompt_means(acts: FeatureActivations, name: str) -> np.ndarray:
     """Feature activations -> per-prompt means (n, d_sae) float64.
 
     (n, W, d_sae) tensors are averaged over W; (n, d_sae) are taken as per-prompt values; a
@@ -128,8 +132,8 @@ def _bootstrap_difference(
     for start in range(0, rec.shape[1], _FEATURE_BLOCK):
         block = slice(start, start + _FEATURE_BLOCK)
         differences = np.empty((n_boot, rec[:, block].shape[1]))  # (B, F)
-        for b0 in range(0, n_boot, _BOOT_CHUNK):
-            b1 = min(b0 + _BOOT_CHUNK, n_boot)
+        for b0 in range(0, n_boot, BOOT_CHUNK):
+            b1 = min(b0 + BOOT_CHUNK, n_boot)
             differences[b0:b1] = (
                 counts_rec[b0:b1] @ rec[:, block] / n_rec
                 - counts_base[b0:b1] @ base[:, block] / n_base
@@ -139,8 +143,8 @@ def _bootstrap_difference(
 
 
 def differential_features(
-    acts_rec,
-    acts_base,
+    acts_rec: FeatureActivations,
+    acts_base: FeatureActivations,
     n_boot: int = 2000,
     seed: int = 0,
     ci: float = 0.95,
@@ -157,10 +161,9 @@ def differential_features(
     feature that is constant in both groups has no test: p and p_adj are NaN. Sorted by p_adj,
     then p, then |diff| descending.
     """
-    if test not in DIFFERENTIAL_TESTS:
-        raise ConfigError(f"unknown test {test!r}: choose one of {DIFFERENTIAL_TESTS}")
-    _check_ci(ci)
-    _check_count(n_boot, "n_boot")
+    check_choice(test, DIFFERENTIAL_TESTS, "test")
+    check_ci(ci)
+    check_count(n_boot, "n_boot")
     rec = _per_prompt_means(acts_rec, "acts_rec")  # (n_rec, d_sae)
     base = _per_prompt_means(acts_base, "acts_base")  # (n_base, d_sae)
     if rec.shape[1] != base.shape[1]:
@@ -189,7 +192,7 @@ def differential_features(
                 )
         p[testable] = result.pvalue
     with np.errstate(divide="ignore", invalid="ignore"):
-        g = _cohens_d_along(rec, base, axis=0) * hedges_correction(n_rec + n_base - 2)
+        g = cohens_d_along(rec, base, axis=0) * hedges_correction(n_rec + n_base - 2)
     frame = pd.DataFrame(
         {
             "feature": np.arange(rec.shape[1]),

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from rloop.errors import ConfigError
+from rloop.metrics.stats import check_choice
 from rloop.sae.format import (
     ARCHITECTURE_STANDARD,
     ARCHITECTURE_TOPK,
@@ -160,34 +162,18 @@ def train_sae(
     final_loss (mean training loss over the last 50 steps, normalised units), the input scale
     s, n_train, n_holdout, n_steps and the settings.
     """
-    if architecture not in TRAIN_ARCHITECTURES:
-        raise ConfigError(
-            f"unknown SAE architecture {architecture!r}: choose one of {TRAIN_ARCHITECTURES}"
-        )
-    if b_dec_init not in B_DEC_INITS:
-        raise ConfigError(f"unknown b_dec_init {b_dec_init!r}: choose one of {B_DEC_INITS}")
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise ConfigError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be a positive number, got {lr}")
-    if architecture == "relu" and not (l1 >= 0 and math.isfinite(l1)):
-        raise ConfigError(f"l1 must be a non-negative number, got {l1}")
+    _check_train_settings(architecture, k, l1, lr, b_dec_init, holdout_fraction)
     _check_positive_int(d_sae, "d_sae")
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(log_every, "log_every")
     x_all = _check_activations(activations)  # (n, d_in)
-    n, d_in = x_all.shape
+    d_in = x_all.shape[1]
     if architecture == "topk" and k is None:
         raise ConfigError("a topk SAE needs k (the number of active features per row)")
 
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)  # (n,)
-    n_holdout = max(1, round(holdout_fraction * n)) if holdout_fraction > 0 else 0
-    if n - n_holdout < 1:
-        raise ConfigError(f"holdout_fraction {holdout_fraction} leaves no training rows of {n}")
-    holdout = x_all[order[:n_holdout]]  # (n_holdout, d_in)
-    x_train = x_all[order[n_holdout:]]  # (n_train, d_in)
-    n_train = x_train.shape[0]
+    holdout, x_train = _split_holdout(x_all, holdout_fraction, generator)
+    n_train, n_holdout = x_train.shape[0], holdout.shape[0]
     batch_size = min(batch_size, n_train)
     n_steps = _n_steps(steps, epochs, n_train, batch_size)
 
@@ -200,36 +186,127 @@ def train_sae(
         model_name=model_name,
         metadata={"trained_with": "rloop.sae.train_sae", "seed": seed},
     )
+    scale, centre = _input_scale_and_centre(x_train, normalize, b_dec_init, generator)
+    _initialise(sae, centre, scale, generator)
+    z_train = x_train * scale  # (n_train, d_in) normalised units
+    sae.requires_grad_(True)
+    schedule = _Schedule(n_steps, batch_size, lr, log_every, progress)
+    l1_weight = l1 if architecture == "relu" else None
+    recent_losses = _optimise(sae, z_train, l1_weight, schedule, generator)
+    _fold_scale(sae, scale)
 
+    metrics = evaluate_sae(sae, holdout if n_holdout else x_train)
+    metrics.update(
+        {
+            "evaluated_on": "holdout" if n_holdout else "train",
+            "final_loss": float(np.mean(recent_losses)),
+            "input_scale": scale,
+            "n_train": n_train,
+            "n_holdout": n_holdout,
+            "n_steps": n_steps,
+            "architecture": architecture,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "k": k if architecture == "topk" else None,
+            "l1": l1_weight,
+            "lr": lr,
+            "batch_size": batch_size,
+            "b_dec_init": b_dec_init,
+            "seed": seed,
+        }
+    )
+    return sae, metrics
+
+
+def _check_train_settings(
+    architecture: str,
+    k: int | None,
+    l1: float,
+    lr: float,
+    b_dec_init: str,
+    holdout_fraction: float,
+) -> None:
+    """ConfigError for an unknown architecture or b_dec_init, or an out-of-range setting."""
+    check_choice(architecture, TRAIN_ARCHITECTURES, "SAE architecture")
+    check_choice(b_dec_init, B_DEC_INITS, "b_dec_init")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ConfigError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be a positive number, got {lr}")
+    if architecture == "relu" and not (l1 >= 0 and math.isfinite(l1)):
+        raise ConfigError(f"l1 must be a non-negative number, got {l1}")
+
+
+def _split_holdout(
+    x_all: torch.Tensor, holdout_fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out rows (n_holdout, d_in), training rows (n_train, d_in)) from one seeded
+    shuffle; at least one held-out row unless ``holdout_fraction`` is 0."""
+    n = x_all.shape[0]
+    order = torch.randperm(n, generator=generator)  # (n,)
+    n_holdout = max(1, round(holdout_fraction * n)) if holdout_fraction > 0 else 0
+    if n - n_holdout < 1:
+        raise ConfigError(f"holdout_fraction {holdout_fraction} leaves no training rows of {n}")
+    return x_all[order[:n_holdout]], x_all[order[n_holdout:]]
+
+
+def _input_scale_and_centre(
+    x_train: torch.Tensor, normalize: bool, b_dec_init: str, generator: torch.Generator
+) -> tuple[float, torch.Tensor]:
+    """(input scale s, initial b_dec (d_in,) float64 in raw units) of the training rows."""
+    d_in = x_train.shape[1]
     mean = x_train.to(torch.float64).mean(dim=0)  # (d_in,)
     mean_square = (x_train.to(torch.float64) - mean).square().sum(dim=1).mean()
     scale = float(math.sqrt(d_in / mean_square)) if normalize and mean_square > 0 else 1.0
     if b_dec_init == "geometric_median":
-        pick = torch.randperm(n_train, generator=generator)[:_MEDIAN_ROWS]
-        centre = geometric_median(x_train[pick])  # (d_in,)
-    elif b_dec_init == "mean":
-        centre = mean
-    else:
-        centre = torch.zeros(d_in, dtype=torch.float64)
+        pick = torch.randperm(x_train.shape[0], generator=generator)[:_MEDIAN_ROWS]
+        return scale, geometric_median(x_train[pick])  # (d_in,)
+    if b_dec_init == "mean":
+        return scale, mean
+    return scale, torch.zeros(d_in, dtype=torch.float64)
 
-    with torch.no_grad():
-        directions = torch.randn(d_sae, d_in, generator=generator)  # (d_sae, d_in)
-        directions /= directions.norm(dim=1, keepdim=True)
-        sae.W_dec.copy_(directions)
-        sae.W_enc.copy_(directions.T)
-        sae.b_dec.copy_((centre * scale).to(torch.float32))
-    z_train = x_train * scale  # (n_train, d_in) normalised units
-    sae.requires_grad_(True)
 
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+@torch.no_grad()
+def _initialise(
+    sae: SparseAutoencoder, centre: torch.Tensor, scale: float, generator: torch.Generator
+) -> None:
+    """Random unit decoder rows, the encoder as their transpose, b_dec = centre (normalised)."""
+    directions = torch.randn(sae.d_sae, sae.d_in, generator=generator)  # (d_sae, d_in)
+    directions /= directions.norm(dim=1, keepdim=True)
+    sae.W_dec.copy_(directions)
+    sae.W_enc.copy_(directions.T)
+    sae.b_dec.copy_((centre * scale).to(torch.float32))
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How the optimiser runs: steps, rows per step, Adam learning rate and progress calls."""
+
+    n_steps: int
+    batch_size: int
+    lr: float
+    log_every: int
+    progress: ProgressCallback | None
+
+
+def _optimise(
+    sae: SparseAutoencoder,
+    z_train: torch.Tensor,
+    l1: float | None,
+    schedule: _Schedule,
+    generator: torch.Generator,
+) -> list[float]:
+    """Adam on rows z_train (n_train, d_in) with unit-norm decoder rows; ``l1`` weights the
+    ReLU SAE's sparsity penalty (None: no penalty). Returns the last training losses."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=schedule.lr)
     recent_losses: list[float] = []
-    batches = _batches(n_train, batch_size, generator)
-    for step in range(1, n_steps + 1):
+    batches = _batches(z_train.shape[0], schedule.batch_size, generator)
+    for step in range(1, schedule.n_steps + 1):
         batch = z_train[next(batches)]  # (B, d_in)
         features = sae.encode(batch)  # (B, d_sae)
         reconstruction = sae.decode(features)  # (B, d_in)
         loss = (reconstruction - batch).square().sum(dim=1).mean()
-        if architecture == "relu":
+        if l1 is not None:
             loss = loss + l1 * features.sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,39 +319,23 @@ def train_sae(
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise ConfigError(
-                f"SAE training diverged at step {step} (loss {loss_value}): lower lr (now {lr})"
+                f"SAE training diverged at step {step} (loss {loss_value}): lower lr "
+                f"(now {schedule.lr})"
             )
         recent_losses.append(loss_value)
         if len(recent_losses) > _FINAL_LOSS_STEPS:
             recent_losses.pop(0)
-        if progress is not None and (step % log_every == 0 or step == n_steps):
-            progress(step, n_steps, loss_value)
+        if schedule.progress is not None and (
+            step % schedule.log_every == 0 or step == schedule.n_steps
+        ):
+            schedule.progress(step, schedule.n_steps, loss_value)
+    return recent_losses
 
-    with torch.no_grad():  # fold the input scale back: the SAE takes raw activations
-        sae.b_enc /= scale
-        sae.b_dec /= scale
+
+@torch.no_grad()
+def _fold_scale(sae: SparseAutoencoder, scale: float) -> None:
+    """Fold the input scale back so the SAE takes raw activations; freeze it."""
+    sae.b_enc /= scale
+    sae.b_dec /= scale
     sae.requires_grad_(False)
     sae.zero_grad(set_to_none=True)
-
-    evaluated_on = "holdout" if n_holdout else "train"
-    metrics = evaluate_sae(sae, holdout if n_holdout else x_train)
-    metrics.update(
-        {
-            "evaluated_on": evaluated_on,
-            "final_loss": float(np.mean(recent_losses)),
-            "input_scale": scale,
-            "n_train": n_train,
-            "n_holdout": n_holdout,
-            "n_steps": n_steps,
-            "architecture": architecture,
-            "d_in": d_in,
-            "d_sae": d_sae,
-            "k": k if architecture == "topk" else None,
-            "l1": l1 if architecture == "relu" else None,
-            "lr": lr,
-            "batch_size": batch_size,
-            "b_dec_init": b_dec_init,
-            "seed": seed,
-        }
-    )
-    return sae, metrics
