@@ -21,6 +21,8 @@ def test_contraction_cli_on_embedded_model(tmp_path, monkeypatch) -> None:
         app,
         [
             "contraction",
+            "--bank-version",
+            "v1",
             "--groups",
             "L5,factual",
             "--layers",

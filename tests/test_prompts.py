@@ -342,7 +342,7 @@ def _bank_lines() -> list[dict]:
 
 
 def test_bank_provenance() -> None:
-    bank = load_bank()
+    bank = load_bank("v1")
     assert bank.version == "v1" and bank.source == "bank:v1"
     assert bank.sha256 == hashlib.sha256(BANK_PATH.read_bytes()).hexdigest()
     assert load_bank("v1").prompts == bank.prompts
@@ -358,14 +358,14 @@ def test_bank_unknown_version() -> None:
 def test_bank_matches_its_file_and_schema() -> None:
     lines = _bank_lines()
     assert all(set(line) == {"id", "group", "family", "text"} for line in lines)
-    bank = load_bank()
+    bank = load_bank("v1")
     assert [(p.id, p.group, p.family, p.text) for p in bank] == [
         (d["id"], d["group"], d["family"], d["text"]) for d in lines
     ]
 
 
 def test_bank_counts_ids_and_families() -> None:
-    bank = load_bank()
+    bank = load_bank("v1")
     all_groups = RECURSIVE_GROUPS + BASELINE_GROUPS + CONTROL_GROUPS
     assert bank.groups() == list(all_groups)
     family_of = {
@@ -428,7 +428,7 @@ def test_bank_contains_the_seed_baselines() -> None:
     def normal(text: str) -> str:
         return text.lower().replace(",", "")
 
-    bank = load_bank()
+    bank = load_bank("v1")
     for group, seeds in SEED_002_BASELINES.items():
         texts = [normal(p.text) for p in bank if p.group == group]
         for seed in seeds:
@@ -437,14 +437,14 @@ def test_bank_contains_the_seed_baselines() -> None:
 
 def test_bank_readme_quotes_the_current_hash_and_size() -> None:
     readme = (BANK_PATH.parent / "README.md").read_text(encoding="utf-8")
-    bank = load_bank()
+    bank = load_bank("v1")
     assert bank.sha256 in readme
     assert f"version **v1**, {len(bank)} prompts" in readme
 
 
 def test_pseudo_recursive_controls_use_self_reference_vocabulary() -> None:
     vocabulary = ("self", "aware", "recurs", "mind", "observ", "attention", "mirror")
-    for prompt in load_bank().select(["pseudo_recursive"]):
+    for prompt in load_bank("v1").select(["pseudo_recursive"]):
         assert any(word in prompt.text.lower() for word in vocabulary), prompt.id
 
 
@@ -465,7 +465,7 @@ def smollm2_tokenizer():
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_adds_no_special_tokens(smollm2_tokenizer) -> None:
-    texts = [p.text for p in load_bank()]
+    texts = [p.text for p in load_bank("v1")]
     with_defaults = smollm2_tokenizer(texts)["input_ids"]
     bare = smollm2_tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert with_defaults == bare
@@ -473,7 +473,7 @@ def test_smollm2_tokenizer_adds_no_special_tokens(smollm2_tokenizer) -> None:
 
 @pytest.mark.slow
 def test_bank_prompts_fill_the_default_window(smollm2_tokenizer) -> None:
-    bank = load_bank()
+    bank = load_bank("v1")
     counts = [len(smollm2_tokenizer(p.text)["input_ids"]) for p in bank]  # one at a time
     assert token_counts(bank, smollm2_tokenizer) == counts
     assert min(counts) >= 20  # window 16 plus a margin of 4

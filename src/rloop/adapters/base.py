@@ -23,6 +23,7 @@ never names a module path; it asks the adapter.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,19 +76,66 @@ class PointSpec:
     fused: FusedQKV | None = None
 
 
+def _block_points(
+    attn: str, q: str, k: str, v: str, o: str, mlp: str, fused: FusedQKV | None
+) -> dict[str, PointSpec]:
+    """Point table for a block with an attention module and an MLP module (paths from the block)."""
+    return {
+        "q": PointSpec(q, "output", fused),
+        "k": PointSpec(k, "output", fused),
+        "v": PointSpec(v, "output", fused),
+        "z": PointSpec(o, "input"),
+        "attn_out": PointSpec(attn, "output"),
+        "mlp_out": PointSpec(mlp, "output"),
+        "resid_pre": PointSpec("", "input"),
+        "resid_post": PointSpec("", "output"),
+    }
+
+
+def separate_qkv_points(
+    attn: str = "self_attn", out: str = "o_proj", mlp: str = "mlp"
+) -> dict[str, PointSpec]:
+    """Points of a block whose attention has separate ``q_proj``, ``k_proj``, ``v_proj``.
+
+    attn: the attention module's path in the block; out: its output projection's name inside
+    it; mlp: the MLP module's path in the block. The defaults are the Hugging Face decoder
+    layout (``self_attn.{q,k,v,o}_proj``, ``mlp``) that :class:`Adapter` assumes by default.
+    """
+    return _block_points(
+        attn, f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj", f"{attn}.{out}", mlp, None
+    )
+
+
+def fused_qkv_points(
+    attn: str, qkv: str, out: str, layout: str, mlp: str = "mlp"
+) -> dict[str, PointSpec]:
+    """Points of a block whose attention computes q, k, v in one fused projection.
+
+    attn: the attention module's path in the block; qkv and out: the fused projection's and
+    the output projection's names inside it; layout: how the fused output splits (see
+    :class:`FusedQKV`); mlp: the MLP module's path in the block.
+    """
+    fused = FusedQKV(layout)
+    qkv_path = f"{attn}.{qkv}"
+    return _block_points(attn, qkv_path, qkv_path, qkv_path, f"{attn}.{out}", mlp, fused)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Declarative description of one architecture family.
 
     Sizes (layers, heads, ...) come from the model config when the adapter is bound with
-    :meth:`bind`; the family-level fields say where things live.
+    :meth:`bind`; the family-level fields say where things live. The defaults describe the
+    Hugging Face decoder layout most families share (blocks ``model.layers``, final norm
+    ``model.norm``, attention ``self_attn.{q,k,v,o}_proj``, MLP ``mlp``, sequential residual),
+    so a family file states only where it differs. ``model_types`` defaults to ``(family,)``.
     """
 
     family: str
-    model_types: tuple[str, ...]
-    layers_path: str  # path from the top model to the ModuleList of blocks
-    final_norm_path: str
-    points: dict[str, PointSpec]
+    model_types: tuple[str, ...] = ()  # transformers ``model_type`` values; () means (family,)
+    layers_path: str = "model.layers"  # path from the top model to the ModuleList of blocks
+    final_norm_path: str = "model.norm"
+    points: dict[str, PointSpec] = field(default_factory=separate_qkv_points)
     parallel_attn_mlp: Callable[[object], bool] = field(default=lambda config: False)
     n_layers: int = 0
     n_heads: int = 0
@@ -95,19 +143,18 @@ class Adapter:
     d_head: int = 0
     d_model: int = 0
 
+    def __post_init__(self) -> None:
+        if not self.model_types:
+            object.__setattr__(self, "model_types", (self.family,))
+
     def bind(self, config: object) -> Adapter:
         """Return a copy with the sizes read from a transformers config."""
         n_heads = int(config.num_attention_heads)
         d_model = int(config.hidden_size)
         d_head = getattr(config, "head_dim", None) or d_model // n_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        return Adapter(
-            family=self.family,
-            model_types=self.model_types,
-            layers_path=self.layers_path,
-            final_norm_path=self.final_norm_path,
-            points=self.points,
-            parallel_attn_mlp=self.parallel_attn_mlp,
+        return dataclasses.replace(
+            self,
             n_layers=int(config.num_hidden_layers),
             n_heads=n_heads,
             n_kv_heads=int(n_kv),
@@ -173,22 +220,6 @@ class Adapter:
         out = raw.clone()
         out[..., cols] = flat
         return out
-
-
-def standard_points(
-    attn: str, q: str, k: str, v: str, o: str, mlp: str, fused: FusedQKV | None = None
-) -> dict[str, PointSpec]:
-    """Point table for a block with an attention module and an MLP module."""
-    return {
-        "q": PointSpec(q, "output", fused),
-        "k": PointSpec(k, "output", fused),
-        "v": PointSpec(v, "output", fused),
-        "z": PointSpec(o, "input"),
-        "attn_out": PointSpec(attn, "output"),
-        "mlp_out": PointSpec(mlp, "output"),
-        "resid_pre": PointSpec("", "input"),
-        "resid_post": PointSpec("", "output"),
-    }
 
 
 def text_config(config: object) -> object:

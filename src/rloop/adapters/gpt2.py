@@ -4,22 +4,14 @@ Block ``transformer.h[i]``: ``attn.c_attn`` (out width 3*d_model), ``attn.c_proj
 projection), ``mlp``; final norm ``transformer.ln_f``. transformers splits the fused output
 into three d_model-wide blocks and views each as (H, D), so head h's value vector sits at
 columns ``2*d_model + h*D .. 2*d_model + (h+1)*D`` — unlike GPT-NeoX's per-head interleaving.
+Serves model type ``gpt2`` (the default, the family name).
 """
 
-from rloop.adapters.base import Adapter, FusedQKV, standard_points
+from rloop.adapters.base import Adapter, fused_qkv_points
 
 GPT2 = Adapter(
     family="gpt2",
-    model_types=("gpt2",),
     layers_path="transformer.h",
     final_norm_path="transformer.ln_f",
-    points=standard_points(
-        attn="attn",
-        q="attn.c_attn",
-        k="attn.c_attn",
-        v="attn.c_attn",
-        o="attn.c_proj",
-        mlp="mlp",
-        fused=FusedQKV("blocks"),
-    ),
+    points=fused_qkv_points(attn="attn", qkv="c_attn", out="c_proj", layout="blocks"),
 )

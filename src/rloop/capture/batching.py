@@ -9,11 +9,14 @@ positions ``n_tokens - W .. n_tokens - 1`` of each row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from rloop.adapters.base import Adapter
+from rloop.capture.trace import EditFn, Trace
 from rloop.errors import ConfigError, PromptError
 from rloop.metrics import check_window_lengths
 
@@ -103,3 +106,26 @@ def gather_windows(values: torch.Tensor, n_tokens: Sequence[int], window: int) -
     Raises PromptError naming each row that is too short (the window is never shrunk).
     """
     return take_windows(values, window_positions(n_tokens, window, values.device))
+
+
+def capture_windows(
+    model: nn.Module,
+    adapter: Adapter,
+    batch: EncodedBatch,
+    points: Sequence[str],
+    window: int,
+    edits: Mapping[str, EditFn] | None = None,
+    stop_after_point: str | None = None,
+    detach: bool = True,
+) -> list[torch.Tensor]:
+    """One forward of ``batch`` under ``edits``, capturing ``points`` (hook addresses).
+
+    Returns the window of the last ``window`` real tokens of every row at each point, in the
+    order of ``points``: (B, W, ...) each. ``stop_after_point`` ends the forward right after
+    that hook point; ``detach=False`` keeps the autograd graph. The caller picks the grad mode.
+    """
+    with Trace(
+        model, adapter, points, edits, detach=detach, stop_after_point=stop_after_point
+    ) as trace:
+        model(**batch.model_inputs(), use_cache=False)
+    return [gather_windows(trace[point], batch.n_tokens, window) for point in points]

@@ -34,6 +34,7 @@ from rloop.cli.parsing import (
     path_text,
 )
 from rloop.errors import RloopError
+from rloop.prompts import DEFAULT_BANK_VERSION
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -59,6 +60,9 @@ Prompts = Annotated[
         "-p",
         help="Prompt file (.json/.jsonl/.csv/.txt); default: the shipped bank.",
     ),
+]
+BankVersion = Annotated[
+    str, typer.Option(help="Version of the shipped prompt bank (v1, v2); ignored with --prompts.")
 ]
 Groups = Annotated[
     str | None,
@@ -187,6 +191,7 @@ class ContractionOptions:
     """How ``contraction``, ``scaling`` and ``checkpoints`` measure R_V on each model."""
 
     prompts: Prompts = None
+    bank_version: BankVersion = DEFAULT_BANK_VERSION
     groups: Groups = None
     layers: EarlyLate = None
     window: Window = 16
@@ -204,6 +209,7 @@ class ContractionOptions:
         """The fields of the experiments' ContractionSettings, read and checked (ConfigError)."""
         return {
             "prompts": path_text(self.prompts),
+            "bank_version": self.bank_version,
             "groups": parse_names(self.groups),
             "layers": parse_layer_pair(self.layers, "--layers"),
             "window": self.window,

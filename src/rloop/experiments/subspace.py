@@ -221,7 +221,11 @@ def _plots(spectra, angles, relay_table, plot_path, config) -> None:
     ax.errorbar(
         angles["angle"],
         angles["radians"],
-        yerr=[angles["radians"] - angles["ci_low"], angles["ci_high"] - angles["radians"]],
+        # a percentile interval need not contain the full-sample angle: clip the bars at 0
+        yerr=[
+            (angles["radians"] - angles["ci_low"]).clip(lower=0),
+            (angles["ci_high"] - angles["radians"]).clip(lower=0),
+        ],
         marker="o",
         capsize=3,
         label="recursive vs baseline",

@@ -1,7 +1,10 @@
 """``rloop validate``: the seeds' unified 4-phase run ("RLoop Master", seed 003).
 
-1. R_V phenomenon: contraction of recursive vs baseline prompts
-   (:func:`rloop.experiments.contraction.measure_contraction`).
+1. R_V phenomenon: contraction of recursive prompts against their structural twins (the
+   paired minimal-pair contrast, SCIENCE.md §9), with the unpaired recursive-vs-baseline
+   contrast shown next to it (:func:`rloop.experiments.contraction.measure_contraction`).
+   Without a twin group in the prompt set the verdict falls back to the unpaired contrast
+   and the summary says so.
 2. V-patching null: the target memory's V at the measurement layer replaced by the source's.
 3. KV-patching mechanism: the source's memory KV on the full range (alpha = 1), with the
    seed's targeted ranges (peak zone, single layer) scaled by depth for comparison.
@@ -26,8 +29,15 @@ import pandas as pd
 
 from rloop import models
 from rloop.capture.generation import SamplingConfig
-from rloop.errors import ConfigError
-from rloop.experiments.contraction import ContractionConfig, _markdown_table, measure_contraction
+from rloop.errors import ConfigError, PromptError
+from rloop.experiments.contraction import (
+    DEFAULT_TWIN_GROUP,
+    PAIRED_COLUMNS,
+    ContractionConfig,
+    _markdown_table,
+    measure_contraction,
+    resolve_design,
+)
 from rloop.experiments.kv_patch import (
     NATURAL_SOURCE,
     NATURAL_TARGET,
@@ -50,7 +60,7 @@ from rloop.interventions.kv_cache import (
     default_patch_layers,
     scale_layer_range,
 )
-from rloop.prompts import check_window
+from rloop.prompts import DEFAULT_BANK_VERSION, check_window
 from rloop.runs import plots as plotting
 
 EXPERIMENT = "validate"
@@ -67,9 +77,10 @@ class ValidateConfig:
     dtype: str | None = None
     device: str | None = None
     prompts: str | None = None
-    bank_version: str = "v1"
+    bank_version: str = DEFAULT_BANK_VERSION
     recursive_group: str = "L5"
     baseline_group: str = "factual"
+    twin_group: str | None = DEFAULT_TWIN_GROUP  # "" in the TOML = no paired contrast
     n_pairs: int = 20
     window: int = 16
     layers: list[int] = field(default_factory=list)
@@ -102,7 +113,15 @@ class ValidateConfig:
 _SECTION_KEYS = {
     "model": {"name": "model", "revision": "revision", "dtype": "dtype", "device": "device"},
     "prompts": {
-        k: k for k in ("prompts", "bank_version", "recursive_group", "baseline_group", "n_pairs")
+        k: k
+        for k in (
+            "prompts",
+            "bank_version",
+            "recursive_group",
+            "baseline_group",
+            "twin_group",
+            "n_pairs",
+        )
     },
     "measure": {k: k for k in ("window", "layers", "pr_mode", "batch_size", "n_boot", "seed")},
     "generation": {
@@ -125,7 +144,7 @@ _SECTION_KEYS = {
     },
 }
 _THRESHOLD_KEYS = {
-    "phase1": ("max_hedges_g", "max_p"),
+    "phase1": ("max_paired_d_z", "max_paired_p", "max_hedges_g", "max_p"),
     "phase2": ("max_abs_behavior_transfer_pct",),
     "phase3": ("min_behavior_transfer_pct", "min_r_v_transfer_pct"),
     "phase4": ("min_alpha_behavior_spearman", "max_alpha_behavior_p", "max_r_v_behavior_p"),
@@ -149,6 +168,8 @@ def load_validate_config(path: str | Path | None = None, **overrides) -> Validat
             raise ConfigError(f"unknown validate setting {key!r}")
         if value is not None:
             values[key] = value
+    if values.get("twin_group") == "":
+        values["twin_group"] = None
     config = ValidateConfig(**values)
     check_validate_config(config)
     return config
@@ -211,6 +232,16 @@ def check_validate_config(config: ValidateConfig) -> None:
         raise ConfigError("targeted_seed_range needs [first, last]")
     if config.max_batch_rows < 1 or config.batch_size < 1:
         raise ConfigError("batch sizes must be at least 1")
+    if config.recursive_group == config.baseline_group:
+        raise ConfigError(
+            f"recursive_group and baseline_group are both {config.recursive_group!r}: "
+            "pass two different groups"
+        )
+    if config.twin_group in (config.recursive_group, config.baseline_group):
+        raise ConfigError(
+            f"twin_group {config.twin_group!r} must differ from the recursive and the baseline "
+            'group (twin_group = "" for no paired contrast)'
+        )
     for phase, keys in _THRESHOLD_KEYS.items():
         missing = [k for k in keys if k not in config.thresholds.get(phase, {})]
         if missing:
@@ -277,23 +308,44 @@ class ValidateResult:
     timings: dict
 
 
+def phase1_setup(
+    prompt_set, config: ValidateConfig, layers: list[int] | None = None
+) -> tuple[object, ContractionConfig]:
+    """Phase 1's prompts (the recursive, baseline and, if present, twin group) and its
+    contraction settings; PromptError for a design that cannot work (missing groups, a named
+    twin group that is not there, twins without matching pair ids)."""
+    groups = [config.recursive_group, config.baseline_group]
+    twin = config.twin_group
+    if twin is not None and twin in prompt_set.groups():
+        groups.append(twin)
+    elif twin is not None and twin != DEFAULT_TWIN_GROUP:
+        raise PromptError(
+            f"twin_group {twin!r} is not in the prompt set; available: "
+            f"{', '.join(prompt_set.groups())}"
+        )
+    contraction_config = ContractionConfig(
+        layers=layers,
+        window=config.window,
+        pr_modes=[config.pr_mode],
+        recursive_group=config.recursive_group,
+        baseline_group=config.baseline_group,
+        twin_group=config.twin_group,
+        batch_size=config.batch_size,
+        n_boot=config.n_boot,
+        seed=config.seed,
+    )
+    phenomenon = prompt_set.select(groups)
+    resolve_design(phenomenon, contraction_config)
+    return phenomenon, contraction_config
+
+
 def run_phases(lm, prompt_set, config: ValidateConfig) -> ValidateResult:
     """All four phases on a loaded model (no run directory)."""
 
     timings = {}
     started = time.perf_counter()
     early, late, _ = resolve_layers(lm.adapter, config.layers or None)
-    contraction_config = ContractionConfig(
-        layers=[early, late],
-        window=config.window,
-        pr_modes=[config.pr_mode],
-        recursive_group=config.recursive_group,
-        baseline_group=config.baseline_group,
-        batch_size=config.batch_size,
-        n_boot=config.n_boot,
-        seed=config.seed,
-    )
-    phenomenon = prompt_set.select([config.recursive_group, config.baseline_group])
+    phenomenon, contraction_config = phase1_setup(prompt_set, config, [early, late])
     contraction = measure_contraction(lm, phenomenon, contraction_config)
     timings["phase1_s"] = time.perf_counter() - started
 
@@ -329,16 +381,56 @@ def _transfer_value(transfer: pd.DataFrame, condition: str, metric: str) -> tupl
     return float(row.transfer_pct), row.transfer_undefined or None
 
 
-def _verdicts(contraction, transfer, correlations, dose, config) -> pd.DataFrame:
-    t = config.thresholds
-    out: list[Verdict] = []
+def _main_paired(contraction) -> pd.DataFrame:
+    """The main paired-contrast row(s) of a contraction result (empty without twins; objects
+    that carry only ``contrasts`` have none)."""
+    paired = getattr(contraction, "paired", None)
+    if paired is None or paired.empty:
+        return pd.DataFrame()
+    return paired[paired["main"]]
+
+
+def phase1_verdicts(contraction, config: ValidateConfig) -> list[Verdict]:
+    """Phase 1 checks: the paired contrast (d_z and sign-flip p of recursive - twin) when the
+    prompt set has minimal pairs, else the unpaired one (Hedges g and Welch p)."""
+    t = config.thresholds["phase1"]
+    main = _main_paired(contraction)
+    if not main.empty:
+        row = main.iloc[0]
+        why = row.reason if isinstance(row.reason, str) else None
+        return [
+            _check("1", "paired d_z of R_V (recursive - twin)", row.d_z, "<=",
+                   t["max_paired_d_z"], why),
+            _check("1", "sign-flip p (paired)", row.sign_flip_p, "<=", t["max_paired_p"], why),
+        ]  # fmt: skip
     c = contraction.contrasts
     g = float(c["hedges_g"].iloc[0]) if not c.empty else math.nan
     p = float(c["welch_p"].iloc[0]) if not c.empty else math.nan
-    out.append(
-        _check("1", "Hedges g of R_V (recursive - baseline)", g, "<=", t["phase1"]["max_hedges_g"])
-    )
-    out.append(_check("1", "Welch p", p, "<=", t["phase1"]["max_p"]))
+    return [
+        _check("1", "Hedges g of R_V (recursive - baseline)", g, "<=", t["max_hedges_g"]),
+        _check("1", "Welch p", p, "<=", t["max_p"]),
+    ]
+
+
+def phase1_basis(contraction, config: ValidateConfig) -> str:
+    """One sentence: which contrast phase 1's verdict comes from, and why."""
+    main = _main_paired(contraction)
+    unpaired = f"{config.recursive_group} vs {config.baseline_group}"
+    if not main.empty:
+        row = main.iloc[0]
+        return (
+            f"Verdict from the paired contrast {row.recursive_group} vs {row.twin_group} "
+            f"({row.n_pairs} minimal pairs); the unpaired contrast {unpaired} is shown for "
+            "comparison and does not enter the verdict."
+        )
+    notes = [n for n in getattr(contraction, "notes", []) if n.startswith("paired contrast")]
+    why = notes[0] if notes else "the prompt set has no minimal pairs"
+    return f"Verdict from the unpaired contrast {unpaired}, because {why}."
+
+
+def _verdicts(contraction, transfer, correlations, dose, config) -> pd.DataFrame:
+    t = config.thresholds
+    out: list[Verdict] = phase1_verdicts(contraction, config)
     value, why = _transfer_value(transfer, V_PATCH, "score")
     out.append(
         _check(
@@ -446,14 +538,18 @@ def report_markdown(result: ValidateResult, config: ValidateConfig, model_line: 
     lines.append("")
     tables = _phase_tables(result)
     for phase, title in PHASE_TITLES.items():
-        lines += [f"## {title}", "", tables[phase], "", "Checks:", ""]
+        lines += [f"## {title}", ""]
+        if phase == "1":
+            lines += [phase1_basis(result.contraction, config), ""]
+        lines += [tables[phase], "", "Checks:", ""]
         lines.append(_markdown_table(result.verdicts[result.verdicts.phase == phase]))
         lines.append("")
     lines += [
         "Transfer % = (patched - natural target) / (natural source - natural target) x 100; "
         "undefined when the natural gap is within the bootstrap noise of the paired gap.",
         "",
-        "Files: `phase1_contraction.*`, `generations.*` (every pair x condition, with text, "
+        "Files: `phase1_contraction.*`, `phase1_contrasts.*`, `phase1_paired.*` (with minimal "
+        "pairs), `generations.*` (every pair x condition, with text, "
         "R_V and behaviour), `transfer.*`, `correlations.*`, `dose_response.*`, `verdicts.*`, "
         "`plots/`.",
     ]
@@ -476,7 +572,19 @@ def _phase_tables(result: ValidateResult) -> dict[str, str]:
         "welch_p",
         "mann_whitney_p",
     ]
-    phase1 = _markdown_table(c[[k for k in keep if k in c.columns]]) if not c.empty else "-"
+    unpaired = _markdown_table(c[[k for k in keep if k in c.columns]]) if not c.empty else "-"
+    main = _main_paired(result.contraction)
+    paired = (
+        _markdown_table(
+            main[[k for k in PAIRED_COLUMNS if k in main.columns]].assign(
+                reason=lambda f: f["reason"].map(lambda v: v if isinstance(v, str) else "")
+            )
+        )
+        if not main.empty
+        else "no paired contrast"
+    )
+    phase1 = f"Paired (recursive - twin):\n\n{paired}\n\nUnpaired (recursive - baseline):\n\n"
+    phase1 += unpaired
     tr = result.transfer
     cols = [
         "condition",
@@ -526,6 +634,7 @@ def run_validate(
         raise ConfigError(
             f"group(s) {missing} not in the prompt set; available: {', '.join(prompt_set.groups())}"
         )
+    phenomenon, _ = phase1_setup(prompt_set, config)
     make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
     if lm is None:
         lm = models.load_model(
@@ -533,14 +642,16 @@ def run_validate(
         )
     resolve_layers(lm.adapter, config.layers or None)
     layer_ranges(config, lm.adapter.n_layers)
-    check_window(prompt_set.select(groups), lm.tokenizer, config.window)
+    check_window(phenomenon, lm.tokenizer, config.window)
 
     def body(run) -> dict:
         run.set_model(model_manifest(lm))
-        run.set_prompts(prompts_manifest(prompt_set.select(groups), lm.tokenizer))
+        run.set_prompts(prompts_manifest(phenomenon, lm.tokenizer))
         result = run_phases(lm, prompt_set, config)
         run.write_table("phase1_contraction", result.contraction.results)
         run.write_table("phase1_contrasts", result.contraction.contrasts)
+        if not result.contraction.paired.empty:
+            run.write_table("phase1_paired", result.contraction.paired)
         run.write_table("generations", result.grid)
         run.write_table("transfer", result.transfer)
         run.write_table("correlations", result.correlations)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.capture.batching import EncodedBatch, gather_windows
-from rloop.capture.trace import Trace, address
+from rloop.capture.batching import EncodedBatch, capture_windows
+from rloop.capture.trace import address
 from rloop.metrics import differentiable_participation_ratio
 
 
@@ -77,26 +77,23 @@ def head_gradients(
 
     handle = embed.register_forward_hook(make_leaf)
     try:
-        with (
-            torch.enable_grad(),
-            Trace(
+        with torch.enable_grad():
+            v_early, v_late = capture_windows(
                 model,
                 adapter,
-                capture=[address(early, "v"), address(late, "v")],
+                batch,
+                [address(early, "v"), address(late, "v")],
+                window,
                 edits={address(layer, "z"): keep(layer) for layer in needed},
                 stop_after_point=address(late, "v"),
                 detach=False,
-            ) as tr,
-        ):
-            model(**batch.model_inputs(), use_cache=False)
-        v_early = gather_windows(tr[address(early, "v")], batch.n_tokens, window)
-        v_late = gather_windows(tr[address(late, "v")], batch.n_tokens, window)
-        pr_early = differentiable_window_pr(v_early.double(), mode)  # (P,)
-        pr_late = differentiable_window_pr(v_late.double(), mode)  # (P,)
-        r_v = pr_late / pr_early  # (P,)
-        # Each prompt's R_V depends only on its own row, so the gradient of the sum gives
-        # every prompt's gradient at once.
-        r_v.sum().backward()
+            )  # (P, W, Hkv, D) each
+            pr_early = differentiable_window_pr(v_early.double(), mode)  # (P,)
+            pr_late = differentiable_window_pr(v_late.double(), mode)  # (P,)
+            r_v = pr_late / pr_early  # (P,)
+            # Each prompt's R_V depends only on its own row, so the gradient of the sum gives
+            # every prompt's gradient at once.
+            r_v.sum().backward()
     finally:
         handle.remove()
 

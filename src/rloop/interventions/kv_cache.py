@@ -187,84 +187,21 @@ def patched_generate(
     expanded to one row per condition, the memories are mixed layer by layer, and one
     decoding loop generates all rows.
     """
-    if not rows:
-        raise ConfigError("no patch conditions to generate")
-    n_layers = adapter.n_layers
-    for row in rows:
-        check_alpha(row.alpha)
-        if row.kv_layers:
-            check_layer_range(n_layers, row.kv_layers)
-        if row.v_patch_layer is not None:
-            adapter.check_layer(row.v_patch_layer)
-        if (row.kv_layers or row.v_patch_layer is not None) and row.source is None:
-            raise ConfigError("a patched row needs a source prompt")
+    _check_rows(adapter, rows)
     device = next(model.parameters()).device
     capture = list(capture)
     frames = [_frame(row) for row in rows]
     width = max(frames)
-    target_layout = layout_prompts([row.target for row in rows], pad_id, frames, device, width)
-
-    # distinct source memories (rows that mix KV or patch V)
-    needs_source = [bool(row.kv_layers) or row.v_patch_layer is not None for row in rows]
-    source_keys = list(
-        dict.fromkeys(
-            (row.source, f) for row, f, n in zip(rows, frames, needs_source, strict=True) if n
-        )
-    )
+    grid = _Grid(rows, frames, width, pad_id, device)
+    target_layout = grid.layout([row.target for row in rows], frames)
     v_layers = sorted({row.v_patch_layer for row in rows if row.v_patch_layer is not None})
-    v_points = [address(layer, "v") for layer in v_layers]
-    source_cache, source_v, source_mask = None, {}, None
-    if source_keys:
-        source_layout = layout_prompts(
-            [k[0] for k in source_keys], pad_id, [k[1] for k in source_keys], device, width
-        )
-        source_cache, source_v = prefill_memory(model, adapter, source_layout, v_points)
-        source_mask = source_layout.memory_mask  # (S, M)
-    source_index = [
-        source_keys.index((row.source, f)) if n else -1
-        for row, f, n in zip(rows, frames, needs_source, strict=True)
-    ]
-
-    # distinct target memories: (target, frame, v-patch layer, source of the V patch)
-    target_keys_all = [
-        (row.target, f, row.v_patch_layer, row.source if row.v_patch_layer is not None else None)
-        for row, f in zip(rows, frames, strict=True)
-    ]
-    target_keys = list(dict.fromkeys(target_keys_all))
-    target_index = [target_keys.index(k) for k in target_keys_all]
-    unique_layout = layout_prompts(
-        [k[0] for k in target_keys], pad_id, [k[1] for k in target_keys], device, width
-    )
-    first_row = [target_index.index(u) for u in range(len(target_keys))]
-    edits = {}
-    for layer in v_layers:
-        point = address(layer, "v")
-        picks = [source_index[r] if rows[r].v_patch_layer == layer else -1 for r in first_row]
-        chosen = torch.tensor([max(p, 0) for p in picks], device=device)  # (U,)
-        on = torch.tensor([p >= 0 for p in picks], device=device)  # (U,)
-        replace = (unique_layout.memory_mask != 0) & (source_mask[chosen] != 0) & on[:, None]
-        edits[point] = _v_patch_edit(source_v[point][chosen], replace)  # (U, M) where to patch
-    cache, memory_captured = prefill_memory(model, adapter, unique_layout, capture, edits)
-
-    # one cache row per condition
-    expand = torch.tensor(target_index, device=device)  # (B,)
-    select_rows(cache, expand)
-    memory_captured = {k: v[expand] for k, v in memory_captured.items()}  # (B, M, ...)
-    weights = torch.zeros((len(rows), n_layers), dtype=torch.float32)  # (B, L)
+    sources = _encode_sources(model, adapter, grid, v_layers)
+    cache, memory_captured = _encode_targets(model, adapter, grid, v_layers, sources, capture)
+    weights = torch.zeros((len(rows), adapter.n_layers), dtype=torch.float32)  # (B, L)
     for i, row in enumerate(rows):
         weights[i, list(row.kv_layers)] = float(row.alpha)
     if bool((weights != 0).any()) and width > 0:
-        pick = torch.tensor([max(i, 0) for i in source_index], device=device)  # (B,)
-        has_source = torch.tensor(needs_source, device=device)[:, None]  # (B, 1)
-        both_real = (target_layout.memory_mask != 0) & (source_mask[pick] != 0) & has_source
-        select_rows(source_cache, pick)
-        mix_caches(cache, source_cache, weights, both_real)
-        # The memory's V at a mixed layer is what the cache now holds: (B, Hkv, M, D) there.
-        for key in memory_captured:
-            layer, point = key.split(".")[1:]
-            if point == "v" and bool((weights[:, int(layer)] != 0).any()):
-                values = cache_layer(cache, int(layer))[1]  # (B, Hkv, M, D)
-                memory_captured[key] = values.transpose(1, 2)  # (B, M, Hkv, D)
+        _mix_sources(cache, memory_captured, sources, target_layout.memory_mask, weights)
     return decode(
         model,
         adapter,
@@ -275,6 +212,119 @@ def patched_generate(
         memory_captured,
         tokenizer,
     )
+
+
+def _check_rows(adapter: Adapter, rows: Sequence[PatchRow]) -> None:
+    """ConfigError for an empty grid, a bad alpha or layer, or a patched row without source."""
+    if not rows:
+        raise ConfigError("no patch conditions to generate")
+    for row in rows:
+        check_alpha(row.alpha)
+        if row.kv_layers:
+            check_layer_range(adapter.n_layers, row.kv_layers)
+        if row.v_patch_layer is not None:
+            adapter.check_layer(row.v_patch_layer)
+        if (row.kv_layers or row.v_patch_layer is not None) and row.source is None:
+            raise ConfigError("a patched row needs a source prompt")
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The rows of a patching grid with their frame lengths and the shared frame width."""
+
+    rows: Sequence[PatchRow]
+    frames: list[int]  # per row: memory frame length (:func:`_frame`)
+    width: int  # max(frames): every memory layout is this many columns wide
+    pad_id: int
+    device: torch.device
+
+    def layout(self, prompts: Sequence[tuple[int, ...]], frames: Sequence[int]) -> PromptLayout:
+        return layout_prompts(list(prompts), self.pad_id, list(frames), self.device, self.width)
+
+
+@dataclass
+class _Sources:
+    """The distinct source memories of a grid, each encoded once (S of them)."""
+
+    cache: object | None  # KV cache with S rows (None when no row needs a source)
+    values: dict[str, torch.Tensor]  # V at the V-patch layers: address -> (S, M, Hkv, D)
+    mask: torch.Tensor | None  # (S, M) memory mask
+    index: list[int]  # per grid row: its source's row, -1 when it needs none
+    needed: list[bool]  # per grid row: whether it mixes KV or patches V
+
+
+def _encode_sources(
+    model: nn.Module, adapter: Adapter, grid: _Grid, v_layers: Sequence[int]
+) -> _Sources:
+    """Encode every distinct (source, frame) memory once, capturing V at the V-patch layers."""
+    needed = [bool(row.kv_layers) or row.v_patch_layer is not None for row in grid.rows]
+    pairs = zip(grid.rows, grid.frames, needed, strict=True)
+    keys = list(dict.fromkeys((row.source, f) for row, f, n in pairs if n))
+    cache, values, mask = None, {}, None
+    if keys:
+        layout = grid.layout([k[0] for k in keys], [k[1] for k in keys])
+        v_points = [address(layer, "v") for layer in v_layers]
+        cache, values = prefill_memory(model, adapter, layout, v_points)
+        mask = layout.memory_mask  # (S, M)
+    pairs = zip(grid.rows, grid.frames, needed, strict=True)
+    index = [keys.index((row.source, f)) if n else -1 for row, f, n in pairs]
+    return _Sources(cache, values, mask, index, needed)
+
+
+def _encode_targets(
+    model: nn.Module,
+    adapter: Adapter,
+    grid: _Grid,
+    v_layers: Sequence[int],
+    sources: _Sources,
+    capture: list[str],
+) -> tuple[object, dict[str, torch.Tensor]]:
+    """Encode every distinct target memory once (with its V patch, if any), then expand the
+    cache and the captured memory tensors to one row per grid row: (B, ...)."""
+    keys_all = [
+        (row.target, f, row.v_patch_layer, row.source if row.v_patch_layer is not None else None)
+        for row, f in zip(grid.rows, grid.frames, strict=True)
+    ]
+    keys = list(dict.fromkeys(keys_all))
+    index = [keys.index(k) for k in keys_all]
+    layout = grid.layout([k[0] for k in keys], [k[1] for k in keys])
+    first_row = [index.index(u) for u in range(len(keys))]  # a grid row of each unique target
+    edits = {}
+    for layer in v_layers:
+        point = address(layer, "v")
+        picks = [sources.index[r] if grid.rows[r].v_patch_layer == layer else -1 for r in first_row]
+        chosen = torch.tensor([max(p, 0) for p in picks], device=grid.device)  # (U,)
+        on = torch.tensor([p >= 0 for p in picks], device=grid.device)  # (U,)
+        replace = (layout.memory_mask != 0) & (sources.mask[chosen] != 0) & on[:, None]  # (U, M)
+        edits[point] = _v_patch_edit(sources.values[point][chosen], replace)
+    cache, captured = prefill_memory(model, adapter, layout, capture, edits)
+    expand = torch.tensor(index, device=grid.device)  # (B,)
+    select_rows(cache, expand)
+    return cache, {k: v[expand] for k, v in captured.items()}  # (B, M, ...)
+
+
+def _mix_sources(
+    cache: object,
+    memory_captured: dict[str, torch.Tensor],
+    sources: _Sources,
+    target_mask: torch.Tensor,
+    weights: torch.Tensor,
+) -> None:
+    """Mix each row's source memory into ``cache`` with ``weights`` (B, L), in place, where
+    both memories have a real token (target_mask (B, M)); captured V at a mixed layer becomes
+    the mixed V."""
+    device = target_mask.device
+    pick = torch.tensor([max(i, 0) for i in sources.index], device=device)  # (B,)
+    has_source = torch.tensor(sources.needed, device=device)[:, None]  # (B, 1)
+    both_real = (target_mask != 0) & (sources.mask[pick] != 0) & has_source  # (B, M)
+    select_rows(sources.cache, pick)
+    mix_caches(cache, sources.cache, weights, both_real)
+    # The memory's V at a mixed layer is what the cache now holds: (B, Hkv, M, D) there.
+    for key in memory_captured:
+        layer, point = key.split(".")[1:]
+        if point == "v" and bool((weights[:, int(layer)] != 0).any()):
+            values = cache_layer(cache, int(layer))[1]  # (B, Hkv, M, D)
+            memory_captured[key] = values.transpose(1, 2)  # (B, M, Hkv, D)
 
 
 def _frame(row: PatchRow) -> int:

@@ -27,14 +27,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from rloop.adapters import adapter_for
 from rloop.errors import ConfigError, ModelLoadError
 from rloop.models import embedded
-from rloop.models.registry import REGISTRY, registry_entry
+from rloop.models.registry import REGISTRY, RegistryEntry, registry_entry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -138,7 +138,17 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def _from_pretrained(source: str | Path, revision, dtype, attn, device_map=None):
+@dataclass(frozen=True)
+class _Placement:
+    """Where and how a model is loaded: device, dtype, attention implementation, device map."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attn: str  # attn_implementation passed to transformers
+    device_map: str | dict | None  # None: load, then move the whole model to ``device``
+
+
+def _from_pretrained(source: str | Path, revision: str | None, placement: _Placement):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -148,7 +158,11 @@ def _from_pretrained(source: str | Path, revision, dtype, attn, device_map=None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=dtype, attn_implementation=attn, device_map=device_map
+            source,
+            revision=revision,
+            dtype=placement.dtype,
+            attn_implementation=placement.attn,
+            device_map=placement.device_map,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -156,19 +170,35 @@ def _from_pretrained(source: str | Path, revision, dtype, attn, device_map=None)
     return model, tokenizer
 
 
-def _finish(model, tokenizer, device, dtype, device_map, **info) -> LoadedModel:
+class _Provenance(NamedTuple):
+    """Where a loaded model came from: the :class:`LoadedModel` fields of the same names."""
 
+    name: str
+    source: str
+    path: str
+    weights_sha256: str
+    revision: str | None = None
+
+
+def _finish(
+    model_and_tokenizer: tuple, placement: _Placement, provenance: _Provenance
+) -> LoadedModel:
+    """Attach the adapter, move to the device, set eval mode; the provenance is as given."""
+    model, tokenizer = model_and_tokenizer
     adapter = adapter_for(model)  # fails early, with the supported families, if unsupported
-    if device_map is None:
-        model = model.to(device=device, dtype=dtype)
+    if placement.device_map is None:
+        model = model.to(device=placement.device, dtype=placement.dtype)
+        device = placement.device
+    else:
+        device = next(model.parameters()).device  # the first shard's device
     model.eval().requires_grad_(False)
     return LoadedModel(
         model=model,
         tokenizer=_prepare_tokenizer(tokenizer),
         adapter=adapter,
-        device=device if device_map is None else next(model.parameters()).device,
-        dtype=dtype,
-        **info,
+        device=device,
+        dtype=placement.dtype,
+        **provenance._asdict(),
     )
 
 
@@ -195,8 +225,9 @@ def load_model(
             "no model given: pass a registry name, a directory, a .gguf file or a hub id"
         )
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    attn = _default_attn(dev, attn_implementation)
+    placement = _Placement(
+        dev, resolve_dtype(dtype, dev), _default_attn(dev, attn_implementation), device_map
+    )
     entry = registry_entry(name_or_path)
     path = Path(name_or_path).expanduser()
     is_hub = (entry is not None and entry.source == "hub") or (
@@ -207,90 +238,16 @@ def load_model(
             f"revision {revision!r} given for {name_or_path}, which is not a hub model: "
             "drop --revision (revisions apply to hub ids such as EleutherAI/pythia-70m)"
         )
-
     if entry is not None and entry.source in ("embedded", "fetch"):
-        if entry.name == "smollm2-135m":
-            directory = embedded.ensure_smollm2_cache()
-        else:
-            directory = embedded.cached(entry.name)
-            if directory is None:
-                raise ModelLoadError(
-                    f"{entry.name} is not fetched yet: run `rloop models fetch {entry.name}`"
-                )
-        try:
-            model, tokenizer = _from_pretrained(directory, None, torch_dtype, attn, device_map)
-        except OSError as err:
-            raise ModelLoadError(
-                f"cached copy of {entry.name} in {directory} is unreadable ({_first_line(err)}): "
-                "delete that directory and load again"
-            ) from err
-        return _finish(
-            model,
-            tokenizer,
-            dev,
-            torch_dtype,
-            device_map,
-            name=entry.name,
-            source="registry",
-            path=str(directory),
-            revision=None,
-            weights_sha256=embedded.cached_weights_sha256(directory),
-        )
+        return _load_registry_copy(entry, placement)
     if entry is None and path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model directory")
-        try:
-            model, tokenizer = _from_pretrained(path, None, torch_dtype, attn, device_map)
-        except OSError as err:
-            raise ModelLoadError(f"cannot load model directory {path}: {_first_line(err)}") from err
-        return _finish(
-            model,
-            tokenizer,
-            dev,
-            torch_dtype,
-            device_map,
-            name=str(path),
-            source="local",
-            path=str(path.resolve()),
-            revision=None,
-            weights_sha256=weights_sha256(path),
-        )
+        return _load_directory(path, placement)
     if entry is None and path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist")
-        model, tokenizer = embedded.load_gguf(path, torch_dtype, attn)
-        return _finish(
-            model,
-            tokenizer,
-            dev,
-            torch_dtype,
-            device_map,
-            name=path.name,
-            source="gguf",
-            path=str(path.resolve()),
-            revision=None,
-            weights_sha256=embedded.cached_sha256_file(path),
-        )
-    if entry is None and path.exists():
-        raise ModelLoadError(
-            f"{path} is neither a model directory nor a .gguf file: pass a Hugging Face model "
-            "directory (config.json + weights) or a .gguf file"
-        )
-    if entry is None and "/" not in name_or_path:
-        names = ", ".join(e.name for e in REGISTRY)
-        raise ModelLoadError(
-            f"unknown model {name_or_path!r}: not a registry name ({names}), "
-            "not an existing directory or .gguf file, and not a hub id (org/name)"
-        )
+        return _load_gguf(path, placement)
     if not is_hub:
-        raise ModelLoadError(
-            f"path {name_or_path} does not exist: pass an existing model directory or .gguf file "
-            "(a hub id looks like org/name)"
-        )
+        raise ModelLoadError(_not_loadable_message(name_or_path, path, entry))
     hub_id = entry.hub_id if entry is not None else name_or_path
-    return _load_hub(
-        hub_id, entry.name if entry else hub_id, revision, dev, torch_dtype, attn, device_map
-    )
+    return _load_hub(hub_id, entry.name if entry else hub_id, revision, placement)
 
 
 # A hub id is "org/name" (letters, digits, '-', '_', '.'), not starting with '.' or '/'.
@@ -302,24 +259,76 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _load_hub(hub_id, name, revision, dev, torch_dtype, attn, device_map) -> LoadedModel:
+def _load_registry_copy(entry: RegistryEntry, placement: _Placement) -> LoadedModel:
+    """An embedded or fetched registry model, from its safetensors copy in the rloop cache."""
+    if entry.name == "smollm2-135m":
+        directory = embedded.ensure_smollm2_cache()
+    else:
+        directory = embedded.cached(entry.name)
+        if directory is None:
+            raise ModelLoadError(
+                f"{entry.name} is not fetched yet: run `rloop models fetch {entry.name}`"
+            )
     try:
-        model, tokenizer = _from_pretrained(hub_id, revision, torch_dtype, attn, device_map)
+        loaded = _from_pretrained(directory, None, placement)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cached copy of {entry.name} in {directory} is unreadable ({_first_line(err)}): "
+            "delete that directory and load again"
+        ) from err
+    sha256 = embedded.cached_weights_sha256(directory)
+    return _finish(loaded, placement, _Provenance(entry.name, "registry", str(directory), sha256))
+
+
+def _load_directory(path: Path, placement: _Placement) -> LoadedModel:
+    """A local Hugging Face model directory (config.json + weights)."""
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model directory")
+    try:
+        loaded = _from_pretrained(path, None, placement)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model directory {path}: {_first_line(err)}") from err
+    provenance = _Provenance(str(path), "local", str(path.resolve()), weights_sha256(path))
+    return _finish(loaded, placement, provenance)
+
+
+def _load_gguf(path: Path, placement: _Placement) -> LoadedModel:
+    """A local .gguf file, dequantised by transformers' GGUF reader."""
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    loaded = embedded.load_gguf(path, placement.dtype, placement.attn)
+    sha256 = embedded.cached_sha256_file(path)
+    return _finish(loaded, placement, _Provenance(path.name, "gguf", str(path.resolve()), sha256))
+
+
+def _not_loadable_message(name_or_path: str, path: Path, entry: RegistryEntry | None) -> str:
+    """Why ``name_or_path`` is neither a registry model, a local model nor a hub id."""
+    if entry is None and path.exists():
+        return (
+            f"{path} is neither a model directory nor a .gguf file: pass a Hugging Face model "
+            "directory (config.json + weights) or a .gguf file"
+        )
+    if entry is None and "/" not in name_or_path:
+        names = ", ".join(e.name for e in REGISTRY)
+        return (
+            f"unknown model {name_or_path!r}: not a registry name ({names}), "
+            "not an existing directory or .gguf file, and not a hub id (org/name)"
+        )
+    return (
+        f"path {name_or_path} does not exist: pass an existing model directory or .gguf file "
+        "(a hub id looks like org/name)"
+    )
+
+
+def _load_hub(hub_id: str, name: str, revision: str | None, placement: _Placement) -> LoadedModel:
+    try:
+        loaded = _from_pretrained(hub_id, revision, placement)
     except OSError as err:
         raise ModelLoadError(hub_failure_message(err, hub_id, revision)) from err
     directory = _snapshot_dir(hub_id, revision)
-    return _finish(
-        model,
-        tokenizer,
-        dev,
-        torch_dtype,
-        device_map,
-        name=name,
-        source="hub",
-        path=str(directory or hub_id),
-        revision=revision,
-        weights_sha256=weights_sha256(directory) if directory else "unknown",
-    )
+    sha256 = weights_sha256(directory) if directory else "unknown"
+    provenance = _Provenance(name, "hub", str(directory or hub_id), sha256, revision)
+    return _finish(loaded, placement, provenance)
 
 
 def hub_failure_message(err: BaseException, hub_id: str, revision: str | None) -> str:

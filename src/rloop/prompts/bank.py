@@ -42,7 +42,7 @@ PROMPT_STYLES: tuple[str, ...] = ("loop", "declarative", "instruction")
 MAX_LEVEL = len(RECURSIVE_GROUPS)
 DEFAULT_CONTRAST: tuple[str, str] = ("L5", "factual")
 DEFAULT_PAIRED_CONTRAST: tuple[str, str] = ("L5", "L5_twin")
-DEFAULT_BANK_VERSION = "v1"
+DEFAULT_BANK_VERSION = "v2"
 
 USER_GROUP = "user"
 USER_FAMILY = "user"

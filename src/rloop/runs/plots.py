@@ -110,3 +110,58 @@ def heatmap(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def paired_scatter(pair_values: pd.DataFrame, path: Path) -> Path:
+    """R_V of each recursive prompt against its structural twin (one point per pair, one
+    colour per paired contrast), with the identity line; one panel per PR mode. Points below
+    the line contract more than their twin."""
+    modes = sorted(pair_values["pr_mode"].unique())
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        frame = pair_values[pair_values.pr_mode == mode]
+        for label, pairs in frame.groupby(["recursive_group", "twin_group"], sort=False):
+            ax.scatter(pairs["r_v_twin"], pairs["r_v_recursive"], s=14, alpha=0.7,
+                       label=f"{label[0]} vs {label[1]}")  # fmt: skip
+        values = frame[["r_v_twin", "r_v_recursive"]].to_numpy(dtype=float)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            low, high = float(finite.min()), float(finite.max())
+            ax.plot([low, high], [low, high], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("R_V of the twin")
+        ax.set_ylabel("R_V of the recursive prompt")
+        ax.set_title(f"Minimal pairs ({mode})")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def covariate_scatter(
+    frame: pd.DataFrame, covariates: list[str], path: Path, outcome: str = "r_v"
+) -> Path:
+    """A grid of ``outcome`` against each covariate: one row per PR mode, one column per
+    covariate, one colour per prompt family. ``frame`` has pr_mode, family, the outcome and
+    the covariate columns (one row per prompt x mode)."""
+    modes = sorted(frame["pr_mode"].unique())
+    families = sorted(frame["family"].astype(str).unique())
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(
+        len(modes),
+        len(covariates),
+        figsize=(2.6 * len(covariates) + 1, 2.4 * len(modes) + 0.6),
+        squeeze=False,
+    )
+    for row, mode in enumerate(modes):
+        rows = frame[frame.pr_mode == mode]
+        for column, covariate in enumerate(covariates):
+            ax = axes[row][column]
+            for i, family in enumerate(families):
+                chosen = rows[rows["family"].astype(str) == family]
+                ax.scatter(chosen[covariate], chosen[outcome], s=6, alpha=0.6,
+                           color=colours(i % 10), label=family)  # fmt: skip
+            ax.set_xlabel(covariate, fontsize=8)
+            if column == 0:
+                ax.set_ylabel(f"{outcome} ({mode})", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6, markerscale=2)
+    fig.suptitle(f"{outcome} against prompt covariates", fontsize=10)
+    return _save(fig, path)
