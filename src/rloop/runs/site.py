@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,23 +156,12 @@ def _read_manifest_safely(run_dir: Path) -> tuple[dict | None, str | None]:
 
 
 def _process_state(manifest: dict) -> tuple[str, str]:
-    """Display status and reason of a run whose manifest says "running"."""
-    host = manifest.get("host") if isinstance(manifest.get("host"), dict) else {}
-    hostname, pid = host.get("hostname"), host.get("pid")
-    if hostname and hostname != socket.gethostname():
-        return SHOW_INTERRUPTED, (
-            f"unfinished: written on host {hostname}, so this report cannot tell whether it "
-            "is still running"
-        )
-    if isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return SHOW_INTERRUPTED, f"unfinished: its process {pid} is no longer running"
-        except OSError:
-            pass  # exists but belongs to another user
-        return SHOW_RUNNING, f"still running (process {pid})"
-    return SHOW_INTERRUPTED, "unfinished: status is still 'running'"
+    """Display status and reason of a run whose manifest says "running" (the same liveness
+    rule as ``rloop runs list``: :func:`rloop.runs.layout.owner_state`)."""
+    status, why = layout.owner_state(manifest)
+    if status == layout.STATUS_INTERRUPTED:
+        return SHOW_INTERRUPTED, f"unfinished: {why}"
+    return SHOW_RUNNING, f"still running ({why})"
 
 
 def _load_table(run_dir: Path, name: str) -> TableData:
