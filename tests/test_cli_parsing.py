@@ -9,11 +9,7 @@ from typer.testing import CliRunner
 
 import rloop.models
 from rloop.cli import app
-from rloop.cli import causal as cli_causal
-from rloop.cli import contraction as cli_contraction
-from rloop.cli import generation as cli_generation
-from rloop.cli import sweeps as cli_sweeps
-from rloop.cli.options import print_outcome, run_guarded
+from rloop.cli.options import RunOptions, print_outcome, run_guarded
 from rloop.cli.parsing import (
     parse_float_list,
     parse_int_list,
@@ -24,21 +20,6 @@ from rloop.cli.parsing import (
 )
 from rloop.errors import ConfigError
 
-RUN_FUNCTIONS = {
-    cli_contraction: ["run_contraction"],
-    cli_causal: [
-        "run_head_sweep",
-        "run_group_ablation",
-        "run_layer_ablation",
-        "run_components",
-        "run_head_diagnostics",
-        "run_saliency",
-        "run_patching",
-        "run_attribution",
-    ],
-    cli_generation: ["run_validate", "run_temporal", "run_kv_patching"],
-    cli_sweeps: ["run_gain", "run_scaling", "run_checkpoints"],
-}
 LIST_LAYER_COMMANDS = [
     ["ablate"],
     ["ablate-layer"],
@@ -161,22 +142,21 @@ def test_validate_help_shows_the_config_keys() -> None:
 # ----------------------------------------------------------------------------- commands
 @pytest.fixture
 def calls(monkeypatch, tmp_path) -> list[tuple[str, object]]:
-    """Replace every experiment run function (and the model loader) by a recorder that
+    """Replace the launch of every experiment run (and the model loader) by a recorder that
     raises: a command that gets that far exits 1, not 2, and the test sees the config."""
     monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
     seen: list[tuple[str, object]] = []
 
-    def recorder(name: str):
-        def run(config=None, *args, **kwargs):
-            seen.append((name, config))
-            raise AssertionError(f"{name} was called")
+    def launch(self, run, config=None, **extra):
+        seen.append((run.__name__, config))
+        raise AssertionError(f"{run.__name__} was called")
 
-        return run
+    def load_model(*args, **kwargs):
+        seen.append(("load_model", args[0] if args else None))
+        raise AssertionError("load_model was called")
 
-    for module, names in RUN_FUNCTIONS.items():
-        for name in names:
-            monkeypatch.setattr(module, name, recorder(name))
-    monkeypatch.setattr(rloop.models, "load_model", recorder("load_model"))
+    monkeypatch.setattr(RunOptions, "launch", launch)
+    monkeypatch.setattr(rloop.models, "load_model", load_model)
     return seen
 
 
@@ -246,3 +226,36 @@ def test_good_input_reaches_the_experiment_parsed(tmp_path, calls) -> None:
     [(name, config)] = calls
     assert config.models == ["a", "b"] and config.settings.layers == [1, 2]
     assert config.settings.pr_modes == ["per-head", "whole"]
+
+
+def test_every_experiment_option_reaches_its_config(tmp_path, calls) -> None:
+    """Options read through the option groups and the experiment decorator arrive in the
+    config: groups (model, contrast, window), plain fields, readers and derived values."""
+    cases = [
+        (
+            ["contraction", "--twin-group", "none", "--recursive-group", "L3"],
+            {"twin_group": None, "recursive_group": "L3", "pr_modes": ["per-head", "whole"]},
+        ),
+        (["contraction", "--twin-group", "L3_twin"], {"twin_group": "L3_twin"}),
+        (
+            ["temporal", "--revision", "step10", "--layers", "1,3", "--groups", "L5,factual"],
+            {"revision": "step10", "layers": [1, 3], "groups": ["L5", "factual"]},
+        ),
+        (["ablate-layer", "--layers", "2-3", "--component", "both"], {"layers": [2, 3]}),
+        (["verify", "--layers", "0,2", "--seed", "4"], {"layers": [0, 2], "seed": 4}),
+        (
+            ["gain", "--prompts", str(tmp_path / "p.txt"), "--groups", "a"],
+            {"models": ["smollm2-135m"], "prompts": str(tmp_path / "p.txt"), "groups": ["a"]},
+        ),
+        (["ablate", "--mode", "mean", "--reference-group", "L1"], {"mode": "mean"}),
+    ]
+    for args, expected in cases:
+        calls.clear()
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        [(_, config)] = calls
+        for field, value in expected.items():
+            assert getattr(config, field) == value, (args, field)
+    calls.clear()
+    CliRunner().invoke(app, ["ablate-layer", "--layers", "2", "--component", "both"])
+    assert calls[0][1].components == ["attn", "mlp"]

@@ -9,30 +9,27 @@ is loaded or anything is written. The options every command shares are
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from rloop.cli.options import (
+    AblationOptions,
     BackwardBatchSize,
-    BaselineGroup,
     BatchSize,
     CausalOptions,
+    ContrastOptions,
     FromSweep,
     Heads,
     Layers,
     MaxRows,
-    Mode,
     Point,
-    RecursiveGroup,
-    ReferenceGroup,
+    RunOptions,
     TopK,
     Unit,
-    command,
-    print_outcome,
+    experiment,
     with_help,
 )
-from rloop.cli.parsing import parse_int_list, path_text
 from rloop.experiments.ablate import AblationConfig, run_head_sweep
 from rloop.experiments.ablate_group import GroupAblationConfig, run_group_ablation
 from rloop.experiments.ablate_layer import LayerAblationConfig, run_layer_ablation
@@ -49,17 +46,18 @@ NO_R_V = ("measure_layers", "pr_mode")
 SweptLayers = with_help(Layers, "Layers whose heads are swept, e.g. 15-30 or 3,7 (default all).")
 
 
-@command(
+@experiment(
+    AblationConfig,
+    run_head_sweep,
     helps={
         "groups": "Comma-separated groups (default L5 from the bank, all of a file).",
         "max_prompts": "Use at most this many prompts (0 = all).",
-    }
+    },
 )
 def ablate(
     *,
     layers: SweptLayers = None,
-    mode: Mode = "zero",
-    reference_group: ReferenceGroup = "factual",
+    ablation: AblationOptions,
     unit: Unit = "query",
     top_k: TopK = 10,
     max_rows: MaxRows = None,
@@ -72,6 +70,7 @@ def ablate(
         ),
     ] = False,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """Exact head-ablation sweep: R_V with each head ablated, per prompt x head.
 
@@ -89,20 +88,9 @@ def ablate(
 
       rloop ablate --layers 20-29 --kl               # + last-token KL per head
     """
-    config = AblationConfig(
-        **inputs.settings(),
-        layers=parse_int_list(layers, "--layers"),
-        mode=mode,
-        reference_group=reference_group,
-        unit=unit,
-        top_k=top_k,
-        max_rows=max_rows,
-        kl=kl,
-    )
-    print_outcome(run_head_sweep(config, out=inputs.out, force=inputs.force))
 
 
-@command()
+@experiment(GroupAblationConfig, run_group_ablation)
 def ablate_group(
     *,
     heads: Heads = None,
@@ -113,9 +101,9 @@ def ablate_group(
     ] = "abs",
     unit: Unit = "query",
     n_random: Annotated[int, typer.Option(help="Random same-layer head groups (control).")] = 20,
-    mode: Mode = "zero",
-    reference_group: ReferenceGroup = "factual",
+    ablation: AblationOptions,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """Ablate several heads together; R_V clean vs ablated, vs random head groups.
 
@@ -126,32 +114,20 @@ def ablate_group(
       rloop ablate-group --from-sweep rloop-runs/ablate-smollm2-135m-ab12cd --top-k 10 \\
           --select negative --n-random 50
     """
-    config = GroupAblationConfig(
-        **inputs.settings(),
-        heads=heads,
-        from_sweep=path_text(from_sweep),
-        top_k=top_k,
-        select=select,
-        mode=mode,
-        reference_group=reference_group,
-        unit=unit,
-        n_random=n_random,
-    )
-    print_outcome(run_group_ablation(config, out=inputs.out, force=inputs.force))
 
 
 AblatedLayers = with_help(Layers, "Layers to ablate one at a time, e.g. 19 or 10-20.")
 
 
-@command()
+@experiment(LayerAblationConfig, run_layer_ablation)
 def ablate_layer(
     *,
     layers: AblatedLayers,
     component: Annotated[str, typer.Option(help="attn | mlp | both.")] = "attn",
-    mode: Mode = "zero",
-    reference_group: ReferenceGroup = "factual",
+    ablation: AblationOptions,
     inputs: CausalOptions,
-) -> None:
+    run: RunOptions,
+) -> dict[str, Any]:
     """Ablate a whole layer's attention output (or MLP output); R_V clean vs ablated.
 
     Examples:
@@ -160,24 +136,17 @@ def ablate_layer(
 
       rloop ablate-layer --layers 0-25 --component both --mode mean
     """
-    config = LayerAblationConfig(
-        **inputs.settings(),
-        layers=parse_int_list(layers, "--layers"),
-        components=["attn", "mlp"] if component == "both" else [component],
-        mode=mode,
-        reference_group=reference_group,
-    )
-    print_outcome(run_layer_ablation(config, out=inputs.out, force=inputs.force))
+    return {"components": ["attn", "mlp"] if component == "both" else [component]}
 
 
-@command(without=NO_R_V)
+@experiment(ComponentsConfig, run_components, without=NO_R_V)
 def attn_vs_mlp(
     *,
     layers: Layers = None,
-    recursive_group: RecursiveGroup = "L5",
-    baseline_group: BaselineGroup = "factual",
+    contrast: ContrastOptions,
     batch_size: BatchSize = 16,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """PR of the attention-block output vs the MLP output per layer and prompt group.
 
@@ -187,25 +156,17 @@ def attn_vs_mlp(
 
       rloop attn-vs-mlp --layers 15,18,21,24,27,30 --groups L5,factual
     """
-    config = ComponentsConfig(
-        **inputs.settings(),
-        layers=parse_int_list(layers, "--layers"),
-        recursive_group=recursive_group,
-        baseline_group=baseline_group,
-        batch_size=batch_size,
-    )
-    print_outcome(run_components(config, out=inputs.out, force=inputs.force))
 
 
-@command(without=NO_R_V)
+@experiment(HeadDiagnosticsConfig, run_head_diagnostics, without=NO_R_V)
 def heads(
     *,
     layers: Layers = None,
-    recursive_group: RecursiveGroup = "L5",
-    baseline_group: BaselineGroup = "factual",
+    contrast: ContrastOptions,
     batch_size: BatchSize = 8,
     top_k: TopK = 10,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """Per-head diagnostics: output norm and rank, per-head PR, attention self-score and
     entropy, each recursive vs baseline with effect sizes.
@@ -216,24 +177,16 @@ def heads(
 
       rloop heads --groups L5,factual --max-prompts 20
     """
-    config = HeadDiagnosticsConfig(
-        **inputs.settings(),
-        layers=parse_int_list(layers, "--layers"),
-        recursive_group=recursive_group,
-        baseline_group=baseline_group,
-        batch_size=batch_size,
-        top_k=top_k,
-    )
-    print_outcome(run_head_diagnostics(config, out=inputs.out, force=inputs.force))
 
 
-@command()
+@experiment(SaliencyConfig, run_saliency)
 def saliency(
     *,
     layers: Layers = None,
     batch_size: BackwardBatchSize = 4,
     top_k: TopK = 10,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """Gradient saliency ||dR_V/dz|| of every head (layer x head heatmap).
 
@@ -243,13 +196,6 @@ def saliency(
 
       rloop saliency --measure-layers 5,28 --groups L5,factual
     """
-    config = SaliencyConfig(
-        **inputs.settings(),
-        layers=parse_int_list(layers, "--layers"),
-        batch_size=batch_size,
-        top_k=top_k,
-    )
-    print_outcome(run_saliency(config, out=inputs.out, force=inputs.force))
 
 
 PatchedHeads = with_help(Heads, "Patch these heads: LAYER.HEAD,... e.g. 28.11")
@@ -257,7 +203,7 @@ PatchedLayers = with_help(Layers, "Patch the whole --point at these layers.")
 PatchedPoint = with_help(Point, "Hook point (default z with --heads, resid_pre with --layers).")
 
 
-@command()
+@experiment(PatchConfig, run_patching)
 def patch(
     *,
     heads: PatchedHeads = None,
@@ -271,6 +217,7 @@ def patch(
     target_group: Annotated[str, typer.Option(help="Target (baseline) group.")] = "factual",
     batch_size: Annotated[int, typer.Option(help="Pairs per stacked forward.")] = 16,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """Activation patching from source (recursive) into target (baseline) prompts; transfer %.
 
@@ -284,17 +231,6 @@ def patch(
 
       rloop patch --layers 10-12 --point mlp_out --source-group L5 --target-group factual
     """
-    config = PatchConfig(
-        **inputs.settings(),
-        heads=heads,
-        layers=parse_int_list(layers, "--layers"),
-        point=point,
-        positions=positions,
-        source_group=source_group,
-        target_group=target_group,
-        batch_size=batch_size,
-    )
-    print_outcome(run_patching(config, out=inputs.out, force=inputs.force))
 
 
 ComparedSweep = with_help(
@@ -302,19 +238,19 @@ ComparedSweep = with_help(
 )
 
 
-@command()
+@experiment(AttributionConfig, run_attribution)
 def attribution(
     *,
     from_sweep: ComparedSweep = None,
     layers: Layers = None,
-    mode: Mode = "zero",
-    reference_group: ReferenceGroup = "factual",
+    ablation: AblationOptions,
     batch_size: BackwardBatchSize = 4,
     max_rows: MaxRows = None,
     top_k: Annotated[
         int, typer.Option(help="Heads listed; top-k overlap of the two rankings.")
     ] = 10,
     inputs: CausalOptions,
+    run: RunOptions,
 ) -> None:
     """Attribution patching: every head's ablation effect from one backward, with its rank
     correlation to the exact sweep.
@@ -325,17 +261,6 @@ def attribution(
 
       rloop attribution --from-sweep rloop-runs/ablate-smollm2-135m-ab12cd
     """
-    config = AttributionConfig(
-        **inputs.settings(),
-        layers=parse_int_list(layers, "--layers"),
-        mode=mode,
-        reference_group=reference_group,
-        from_sweep=path_text(from_sweep),
-        batch_size=batch_size,
-        max_rows=max_rows,
-        top_k=top_k,
-    )
-    print_outcome(run_attribution(config, out=inputs.out, force=inputs.force))
 
 
 def register(app: typer.Typer) -> None:

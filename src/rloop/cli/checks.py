@@ -9,47 +9,39 @@ from typing import Annotated
 import typer
 
 from rloop.cli.options import (
-    DEFAULT_MODEL,
-    BaselineGroup,
-    Device,
-    Dtype,
-    Force,
+    AS_LAYER_PAIR,
+    ContrastOptions,
     Layers,
-    Model,
+    ModelOptions,
     NBoot,
-    Out,
     Point,
     Prompts,
-    RecursiveGroup,
-    Revision,
+    RunOptions,
     Seed,
     Window,
     command,
+    experiment,
     out_console,
-    print_outcome,
 )
-from rloop.cli.parsing import parse_int_list, parse_layer_pair, path_text
 from rloop.experiments.subspace import SubspaceConfig, run_subspace
 from rloop.experiments.verify import VerifyConfig, run_verify
 from rloop.runs import runs_root
 from rloop.runs.site import build_site
 
 
-@command()
+@experiment(VerifyConfig, run_verify)
 def verify(
     *,
-    model: Model = DEFAULT_MODEL,
-    revision: Revision = None,
-    dtype: Dtype = None,
-    device: Device = None,
+    loaded: ModelOptions,
     prompts: Prompts = None,
-    layers: Annotated[str | None, typer.Option(help="EARLY,LATE layers of R_V.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="EARLY,LATE layers of R_V."), AS_LAYER_PAIR
+    ] = None,
     window: Window = 16,
     n_prompts: Annotated[int, typer.Option(help="Prompts of different lengths checked.")] = 4,
     heads_sample: Annotated[int, typer.Option(help="Heads checked for ablation.")] = 3,
     seed: Seed = 0,
-    out: Out = None,
-    force: Force = False,
+    run: RunOptions,
 ) -> None:
     """Fidelity self-check on your model: PASS / FAIL and the measured error of each check.
 
@@ -61,42 +53,24 @@ def verify(
 
       rloop verify --model ./my-finetune --dtype bfloat16 --device cuda
     """
-    config = VerifyConfig(
-        model=model or DEFAULT_MODEL,
-        revision=revision,
-        dtype=dtype,
-        device=device,
-        prompts=path_text(prompts),
-        layers=parse_layer_pair(layers, "--layers"),
-        window=window,
-        n_prompts=n_prompts,
-        heads_sample=heads_sample,
-        seed=seed,
-    )
-    print_outcome(run_verify(config, out=out, force=force))
 
 
-@command()
+@experiment(SubspaceConfig, run_subspace)
 def subspace(
     *,
-    model: Model = DEFAULT_MODEL,
-    revision: Revision = None,
+    loaded: ModelOptions,
     prompts: Prompts = None,
     layer: Annotated[
         int | None, typer.Option(help="Layer measured (default: late R_V layer).")
     ] = None,
     point: Point = "v",
     k: Annotated[int, typer.Option(help="Top directions per group.")] = 8,
-    recursive_group: RecursiveGroup = "L5",
-    baseline_group: BaselineGroup = "factual",
+    contrast: ContrastOptions,
     layers: Layers = None,
     window: Window = 16,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
-    dtype: Dtype = None,
-    device: Device = None,
-    out: Out = None,
-    force: Force = False,
+    run: RunOptions,
 ) -> None:
     """The contracted subspace: top-k directions, principal angles, stability, relay.
 
@@ -110,23 +84,6 @@ def subspace(
 
       rloop subspace --point resid_post --layer 20 --layers 10-29
     """
-    config = SubspaceConfig(
-        model=model or DEFAULT_MODEL,
-        revision=revision,
-        prompts=path_text(prompts),
-        layer=layer,
-        point=point,
-        k=k,
-        recursive_group=recursive_group,
-        baseline_group=baseline_group,
-        layers=parse_int_list(layers, "--layers"),
-        window=window,
-        n_boot=n_boot,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-    )
-    print_outcome(run_subspace(config, out=out, force=force))
 
 
 @command()

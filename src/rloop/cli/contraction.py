@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from rloop.cli.options import (
     DEFAULT_MODEL,
     ContractionOptions,
-    Force,
+    ContrastOptions,
     Model,
-    Out,
+    ReadAs,
     Revision,
-    command,
-    print_outcome,
+    RunOptions,
+    experiment,
 )
-from rloop.experiments.contraction import ContractionConfig, run_contraction
+from rloop.experiments.contraction import DEFAULT_TWIN_GROUP, ContractionConfig, run_contraction
 
 
-@command()
+@experiment(ContractionConfig, run_contraction)
 def contraction(
     *,
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
     measure: ContractionOptions,
-    out: Out = None,
-    force: Force = False,
+    contrast: ContrastOptions,
+    twin_group: Annotated[
+        str,
+        typer.Option(
+            help="Structural twins of --recursive-group for the paired contrast "
+            "(none = no paired contrast)."
+        ),
+        ReadAs(lambda name, _flag: None if name.lower() == "none" else name),
+    ] = DEFAULT_TWIN_GROUP,
+    run: RunOptions,
 ) -> None:
     """R_V per prompt and group, recursive-vs-baseline statistics, layer sweep and plots.
 
@@ -37,8 +47,6 @@ def contraction(
       rloop contraction --prompts my_prompts.csv --groups recursive,baseline \\
           --recursive-group recursive --baseline-group baseline --pr-mode whole
     """
-    config = ContractionConfig(model=model, revision=revision, **measure.settings())
-    print_outcome(run_contraction(config, out=out, force=force))
 
 
 def register(app: typer.Typer) -> None:

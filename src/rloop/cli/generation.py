@@ -8,33 +8,27 @@ from typing import Annotated
 import typer
 
 from rloop.cli.options import (
-    DEFAULT_MODEL,
-    BaselineGroup,
     BatchSize,
+    ContrastOptions,
     Device,
     Dtype,
-    EarlyLate,
-    Force,
-    Groups,
     MaxNewTokens,
     Model,
+    ModelOptions,
     NPairs,
-    Out,
-    PrMode,
+    PromptOptions,
     Prompts,
-    RecursiveGroup,
+    ReadAs,
+    RunOptions,
     SamplingOptions,
-    Window,
+    WindowOptions,
     command,
-    print_outcome,
+    experiment,
     with_help,
 )
 from rloop.cli.parsing import (
     parse_float_list,
-    parse_layer_pair,
     parse_layer_ranges,
-    parse_names,
-    path_text,
 )
 from rloop.experiments.kv_patch import KVPatchConfig, run_kv_patching
 from rloop.experiments.temporal import TemporalConfig, run_temporal
@@ -60,8 +54,7 @@ def validate(
     max_new_tokens: MaxNewTokensOverride = None,
     dtype: Dtype = None,
     device: Device = None,
-    out: Out = None,
-    force: Force = False,
+    run: RunOptions,
 ) -> None:
     """The 4-phase validation run (R_V phenomenon, V-patching null, KV-patching
     mechanism, alpha dose-response) with a verdict per phase computed against the
@@ -81,29 +74,25 @@ def validate(
         dtype=dtype,
         device=device,
     )
-    print_outcome(run_validate(settings, out=out, force=force))
+    run.launch(run_validate, settings)
 
 
-ProfiledGroups = with_help(Groups, "Groups to profile; default L5,factual.")
 GenerationBatch = with_help(BatchSize, "Prompts per batched generation.")
-StepWindow = with_help(Window, "Window W (tokens).")
 
 
-@command()
+@experiment(
+    TemporalConfig,
+    run_temporal,
+    helps={"groups": "Groups to profile; default L5,factual.", "window": "Window W (tokens)."},
+)
 def temporal(
     *,
-    model: Model = DEFAULT_MODEL,
-    prompts: Prompts = None,
-    groups: ProfiledGroups = None,
-    layers: EarlyLate = None,
-    window: StepWindow = 16,
-    pr_mode: PrMode = "per-head",
+    loaded: ModelOptions,
+    source: PromptOptions,
+    measure: WindowOptions,
     sampling: SamplingOptions,
     batch_size: GenerationBatch = 24,
-    dtype: Dtype = None,
-    device: Device = None,
-    out: Out = None,
-    force: Force = False,
+    run: RunOptions,
 ) -> None:
     """R_V at the end of encoding (step 0) and after every generated token, per group.
 
@@ -113,53 +102,40 @@ def temporal(
 
       rloop temporal --groups L1,L5,factual --max-new-tokens 40 --window 16
     """
-    settings = TemporalConfig(
-        model=model,
-        prompts=path_text(prompts),
-        groups=parse_names(groups),
-        layers=parse_layer_pair(layers, "--layers"),
-        window=window,
-        pr_mode=pr_mode,
-        **sampling.settings(),
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
-    )
-    print_outcome(run_temporal(settings, out=out, force=force))
 
 
-SourceGroup = with_help(RecursiveGroup, "Source group.")
-TargetGroup = with_help(BaselineGroup, "Target group.")
-GeneratedWindow = with_help(Window, "Window W over generated tokens.")
-
-
-@command()
+@experiment(
+    KVPatchConfig,
+    run_kv_patching,
+    helps={
+        "recursive_group": "Source group.",
+        "baseline_group": "Target group.",
+        "window": "Window W over generated tokens.",
+    },
+)
 def kv_patch(
     *,
-    model: Model = DEFAULT_MODEL,
+    loaded: ModelOptions,
     prompts: Prompts = None,
-    recursive_group: SourceGroup = "L5",
-    baseline_group: TargetGroup = "factual",
+    contrast: ContrastOptions,
     n_pairs: NPairs = 10,
     ranges: Annotated[
         str | None,
         typer.Option(
             help="Layer ranges separated by ';', e.g. '15-29;23-27;25' (default: 2nd half)."
         ),
+        ReadAs(parse_layer_ranges),
     ] = None,
-    alphas: Annotated[str, typer.Option(help="Mixing weights in [0, 1].")] = "0,0.25,0.5,0.75,1",
-    layers: EarlyLate = None,
-    window: GeneratedWindow = 16,
-    pr_mode: PrMode = "per-head",
+    alphas: Annotated[
+        str, typer.Option(help="Mixing weights in [0, 1]."), ReadAs(parse_float_list)
+    ] = "0,0.25,0.5,0.75,1",
+    measure: WindowOptions,
     sampling: SamplingOptions,
     max_batch_rows: Annotated[int, typer.Option(help="Generations per batched call.")] = 128,
     semantic: Annotated[
         str, typer.Option(help="Behaviour semantic component: auto | off.")
     ] = "auto",
-    dtype: Dtype = None,
-    device: Device = None,
-    out: Out = None,
-    force: Force = False,
+    run: RunOptions,
 ) -> None:
     """KV-cache patching of recursive sources into baseline targets: transfer of R_V and
     behaviour per layer range and alpha, dose-response, R_V-behaviour correlation.
@@ -170,24 +146,6 @@ def kv_patch(
 
       rloop kv-patch --ranges '15-29;23-27;25' --alphas 1   # seed 003's range table
     """
-    settings = KVPatchConfig(
-        model=model,
-        prompts=path_text(prompts),
-        recursive_group=recursive_group,
-        baseline_group=baseline_group,
-        n_pairs=n_pairs,
-        ranges=parse_layer_ranges(ranges, "--ranges"),
-        alphas=parse_float_list(alphas, "--alphas"),
-        layers=parse_layer_pair(layers, "--layers"),
-        window=window,
-        pr_mode=pr_mode,
-        **sampling.settings(),
-        max_batch_rows=max_batch_rows,
-        semantic=semantic,
-        dtype=dtype,
-        device=device,
-    )
-    print_outcome(run_kv_patching(settings, out=out, force=force))
 
 
 def register(app: typer.Typer) -> None:

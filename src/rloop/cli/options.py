@@ -1,12 +1,15 @@
 """Every option the commands share, declared once; option groups; error and result printing.
 
-An option is a ``typing.Annotated`` alias (flag names, type, help); a command writes
+An option is a ``typing.Annotated`` alias made by :func:`option` (type, help, flag names and
+how its value is read, :class:`ReadAs`); a command writes
 ``model: Model = DEFAULT_MODEL`` and typer reads the rest from the alias. Options that come
 together in several commands (the causal battery's model/prompts/R_V/statistics options, the
 contraction settings of ``contraction``/``scaling``/``checkpoints``, sampling, executors) are an
 *option group*: a dataclass whose fields are options. A command takes a group as one
 parameter (``inputs: CausalOptions``) and :func:`command` shows typer the group's fields in
-its place. :func:`command` also turns an RloopError into one line on stderr and exit code 2.
+its place. :func:`command` also turns an RloopError into one line on stderr and exit code 2;
+:func:`experiment` makes the command of one experiment from its config class and run
+function, so a command is its signature, its help and the config values it derives itself.
 Where an option means more in one command, :func:`with_help` gives it that command's help
 text (same flags and type), e.g. ``AblatedLayers = with_help(Layers, "Layers to ablate...")``.
 """
@@ -28,6 +31,7 @@ from rich.markup import escape
 from typer.models import ParameterInfo
 
 from rloop.cli.parsing import (
+    parse_int_list,
     parse_layer_pair,
     parse_max_prompts,
     parse_names,
@@ -41,120 +45,173 @@ DEFAULT_MODEL = "smollm2-135m"
 out_console = Console()
 err_console = Console(stderr=True)
 
+
+@dataclasses.dataclass(frozen=True)
+class ReadAs:
+    """``Annotated`` metadata of an option: how its command-line value becomes the config's
+    value. ``read(value, flag)`` raises ConfigError (naming ``flag``) on bad input."""
+
+    read: Callable[[Any, str], Any]
+
+
+def read_option(name: str, annotation: Any, value: Any) -> Any:
+    """``value`` of option ``name`` read by the :class:`ReadAs` of its annotation (if any)."""
+    for extra in typing.get_args(annotation)[1:]:
+        if isinstance(extra, ReadAs):
+            return extra.read(value, "--" + name.replace("_", "-"))
+    return value
+
+
+def option(kind: Any, help_text: str, *flags: str, read: ReadAs | None = None) -> Any:
+    """The option alias ``Annotated[kind, typer.Option(*flags, help=help_text), read]`` that
+    commands and option groups annotate a parameter with (``read`` omitted when None)."""
+    extras = (typer.Option(*flags, help=help_text),) + ((read,) if read is not None else ())
+    return Annotated[(kind, *extras)]
+
+
+AS_PATH = ReadAs(lambda path, _flag: path_text(path))
+AS_NAMES = ReadAs(lambda text, _flag: parse_names(text))
+AS_INTS = ReadAs(parse_int_list)
+AS_LAYER_PAIR = ReadAs(parse_layer_pair)
+AS_PROMPT_LIMIT = ReadAs(parse_max_prompts)
+
 # ----------------------------------------------------------------------------- model and prompts
-Model = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="Registry name, hub id, local dir or .gguf file."),
-]
-Models = Annotated[
-    str | None, typer.Option(help="Comma-separated models, e.g. pythia-70m,pythia-160m.")
-]
-Revision = Annotated[
-    str | None,
-    typer.Option(help="Hub revision (of every model), e.g. step5000 for Pythia checkpoints."),
-]
-Prompts = Annotated[
+Model = option(str | None, "Registry name, hub id, local dir or .gguf file.", "--model", "-m")
+Models = option(str | None, "Comma-separated models, e.g. pythia-70m,pythia-160m.", read=AS_NAMES)
+Revision = option(str | None, "Hub revision (of every model), e.g. step5000 (Pythia checkpoints).")
+Prompts = option(
     Path | None,
-    typer.Option(
-        "--prompts",
-        "-p",
-        help="Prompt file (.json/.jsonl/.csv/.txt); default: the shipped bank.",
-    ),
-]
-BankVersion = Annotated[
-    str, typer.Option(help="Version of the shipped prompt bank (v1, v2); ignored with --prompts.")
-]
-Groups = Annotated[
+    "Prompt file (.json/.jsonl/.csv/.txt); default: the shipped bank.",
+    "--prompts",
+    "-p",
+    read=AS_PATH,
+)
+BankVersion = option(str, "Version of the shipped prompt bank (v1, v2); ignored with --prompts.")
+Groups = option(
     str | None,
-    typer.Option(
-        help="Comma-separated prompt groups to keep, e.g. L5,factual (default: per command)."
-    ),
-]
-MaxPrompts = Annotated[int, typer.Option(help="At most this many prompts per group (0 = all).")]
-RecursiveGroup = Annotated[str, typer.Option(help="Recursive group of the contrast.")]
-BaselineGroup = Annotated[str, typer.Option(help="Baseline group of the contrast.")]
-NPairs = Annotated[int | None, typer.Option(help="(target, source) prompt pairs.")]
+    "Comma-separated prompt groups to keep, e.g. L5,factual (default: per command).",
+    read=AS_NAMES,
+)
+MaxPrompts = option(int, "At most this many prompts per group (0 = all).", read=AS_PROMPT_LIMIT)
+RecursiveGroup = option(str, "Recursive group of the contrast.")
+BaselineGroup = option(str, "Baseline group of the contrast.")
+NPairs = option(int | None, "(target, source) prompt pairs.")
 
 # ----------------------------------------------------------------------------- layers and R_V
-Layers = Annotated[
+Layers = option(
     str | None,
-    typer.Option(help="Layers: numbers and LOW-HIGH ranges, e.g. 28, 3,7 or 15-30 (default all)."),
-]
-EarlyLate = Annotated[
+    "Layers: numbers and LOW-HIGH ranges, e.g. 28, 3,7 or 15-30 (default all).",
+    read=AS_INTS,
+)
+EarlyLate = option(
     str | None,
-    typer.Option(help="EARLY,LATE layer indices of R_V, e.g. 5,28; default by depth (15%/84%)."),
-]
-MeasureLayers = Annotated[
-    str | None, typer.Option(help="EARLY,LATE layers of R_V, e.g. 5,28 (default by depth).")
-]
-Window = Annotated[int, typer.Option(help="Window: the last W real tokens of each prompt.")]
-PrMode = Annotated[str, typer.Option(help="per-head | whole.")]
-PrModes = Annotated[str, typer.Option(help="per-head | whole | both.")]
-Point = Annotated[
-    str | None,
-    typer.Option(help="Hook point: v, k, q, z, attn_out, mlp_out, resid_pre, resid_post."),
-]
+    "EARLY,LATE layer indices of R_V, e.g. 5,28; default by depth (15%/84%).",
+    read=AS_LAYER_PAIR,
+)
+MeasureLayers = option(
+    str | None, "EARLY,LATE layers of R_V, e.g. 5,28 (default by depth).", read=AS_LAYER_PAIR
+)
+Window = option(int, "Window: the last W real tokens of each prompt.")
+PrMode = option(str, "per-head | whole.")
+PrModes = option(str, "per-head | whole | both.")
+Point = option(str | None, "Hook point: v, k, q, z, attn_out, mlp_out, resid_pre, resid_post.")
 
 # ----------------------------------------------------------------------------- heads and ablation
-Heads = Annotated[
-    str | None, typer.Option(help="Heads to ablate together: LAYER.HEAD,... e.g. 15.4,16.2")
-]
-Mode = Annotated[str, typer.Option(help="zero | mean (mean over --reference-group).")]
-ReferenceGroup = Annotated[str, typer.Option(help="Mean-ablation reference prompt group.")]
-Unit = Annotated[str, typer.Option(help="query | kv_group (GQA: a whole KV group).")]
-TopK = Annotated[int, typer.Option(help="Heads listed in the summary.")]
-FromSweep = Annotated[
-    Path | None,
-    typer.Option(help="Run directory of a finished `rloop ablate`: take its top heads."),
-]
-MaxRows = Annotated[
+Heads = option(str | None, "Heads to ablate together: LAYER.HEAD,... e.g. 15.4,16.2")
+Mode = option(str, "zero | mean (mean over --reference-group).")
+ReferenceGroup = option(str, "Mean-ablation reference prompt group.")
+Unit = option(str, "query | kv_group (GQA: a whole KV group).")
+TopK = option(int, "Heads listed in the summary.")
+FromSweep = option(
+    Path | None, "Run directory of a finished `rloop ablate`: take its top heads.", read=AS_PATH
+)
+MaxRows = option(
     int | None,
-    typer.Option(
-        help="Cap on rows (head x prompt) per stacked forward (default: as many as fit a "
-        "quarter of free GPU memory, or 1 GiB of activations on the CPU)."
-    ),
-]
+    "Cap on rows (head x prompt) per stacked forward (default: as many as fit a quarter of "
+    "free GPU memory, or 1 GiB of activations on the CPU).",
+)
 
 # ----------------------------------------------------------------------------- generation
-MaxNewTokens = Annotated[int | None, typer.Option(help="Tokens to generate.")]
-Temperature = Annotated[float, typer.Option(help="0 = greedy.")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
+MaxNewTokens = option(int | None, "Tokens to generate.")
+Temperature = option(float, "0 = greedy.")
+TopP = option(float, "Nucleus sampling mass.")
 
 # ----------------------------------------------------------------------------- compute and runs
-BatchSize = Annotated[int, typer.Option(help="Prompts per forward pass.")]
-BackwardBatchSize = Annotated[int, typer.Option(help="Prompts per forward + backward.")]
-NBoot = Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")]
-Seed = Annotated[int, typer.Option(help="Seed of every bootstrap and random draw.")]
-Dtype = Annotated[
-    str | None,
-    typer.Option(
-        help="float32 | bfloat16 | float16 | float64 (default: float32 CPU, bfloat16 GPU)."
-    ),
-]
-Device = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: auto).")]
-Executor = Annotated[str, typer.Option(help="local (sequential) | ray.")]
-RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address (host:port or auto).")]
-GpusPerJob = Annotated[float | None, typer.Option(help="GPUs per Ray job (default: 1 if any).")]
-Out = Annotated[
+BatchSize = option(int, "Prompts per forward pass.")
+BackwardBatchSize = option(int, "Prompts per forward + backward.")
+NBoot = option(int, "Bootstrap resamples for CIs.")
+Seed = option(int, "Seed of every bootstrap and random draw.")
+Out = option(
     Path | None,
-    typer.Option(
-        "--out",
-        "-o",
-        help="Run directory (default: rloop-runs/<experiment>-<model>-<config hash>).",
-    ),
-]
-Force = Annotated[
-    bool, typer.Option(help="Recompute even if the run directory holds a complete run.")
-]
+    "Run directory (default: rloop-runs/<experiment>-<model>-<config hash>).",
+    "--out",
+    "-o",
+)
+Force = option(bool, "Recompute even if the run directory holds a complete run.")
+Dtype = option(
+    str | None, "float32 | bfloat16 | float16 | float64 (default: float32 CPU, bfloat16 GPU)."
+)
+Device = option(str | None, "cpu | cuda | cuda:N (default: auto).")
+Executor = option(str, "local (sequential) | ray.")
+RayAddress = option(str | None, "Ray cluster address (host:port or auto).")
+GpusPerJob = option(float | None, "GPUs per Ray job (default: 1 if any).")
 
 
 # ----------------------------------------------------------------------------- option groups
+class OptionGroup:
+    """Base of the option groups whose fields are config fields: :meth:`settings` reads them."""
+
+    def settings(self) -> dict[str, Any]:
+        """The group's fields as config values, each read by its option's :class:`ReadAs`."""
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        return {
+            field.name: read_option(field.name, hints[field.name], getattr(self, field.name))
+            for field in dataclasses.fields(self)  # type: ignore[arg-type]
+        }
+
+
 @dataclasses.dataclass(frozen=True)
-class CausalOptions:
-    """Options of every causal-battery command: model, prompts, R_V, statistics, run directory."""
+class ModelOptions(OptionGroup):
+    """Which model, and where and in which dtype it runs."""
 
     model: Model = DEFAULT_MODEL
     revision: Revision = None
+    dtype: Dtype = None
+    device: Device = None
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "model": self.model or DEFAULT_MODEL}
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastOptions(OptionGroup):
+    """The two prompt groups a command contrasts."""
+
+    recursive_group: RecursiveGroup = "L5"
+    baseline_group: BaselineGroup = "factual"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptOptions(OptionGroup):
+    """Which prompts: a file or the shipped bank, and the groups kept."""
+
+    prompts: Prompts = None
+    groups: Groups = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowOptions(OptionGroup):
+    """How R_V is read on a window: the early and late layers, the window, the PR mode."""
+
+    layers: EarlyLate = None
+    window: Window = 16
+    pr_mode: PrMode = "per-head"
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalOptions(ModelOptions):
+    """Options of every causal-battery command: model, prompts, R_V and statistics."""
+
     prompts: Prompts = None
     groups: Groups = None
     max_prompts: MaxPrompts = 10
@@ -163,32 +220,12 @@ class CausalOptions:
     pr_mode: PrMode = "per-head"
     n_boot: NBoot = 2000
     seed: Seed = 0
-    dtype: Dtype = None
-    device: Device = None
-    out: Out = None
-    force: Force = False
-
-    def settings(self) -> dict[str, Any]:
-        """The fields of the experiments' CausalSettings, read and checked (ConfigError)."""
-        return {
-            "model": self.model,
-            "revision": self.revision,
-            "prompts": path_text(self.prompts),
-            "groups": parse_names(self.groups),
-            "max_prompts": parse_max_prompts(self.max_prompts),
-            "measure_layers": parse_layer_pair(self.measure_layers, "--measure-layers"),
-            "window": self.window,
-            "pr_mode": self.pr_mode,
-            "n_boot": self.n_boot,
-            "seed": self.seed,
-            "dtype": self.dtype,
-            "device": self.device,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
-class ContractionOptions:
-    """How ``contraction``, ``scaling`` and ``checkpoints`` measure R_V on each model."""
+class ContractionOptions(OptionGroup):
+    """How ``contraction``, ``scaling`` and ``checkpoints`` measure R_V on each model (the
+    contrasted groups are :class:`ContrastOptions`)."""
 
     prompts: Prompts = None
     bank_version: BankVersion = DEFAULT_BANK_VERSION
@@ -197,8 +234,6 @@ class ContractionOptions:
     window: Window = 16
     pr_mode: PrModes = "both"
     point: Point = "v"
-    recursive_group: RecursiveGroup = "L5"
-    baseline_group: BaselineGroup = "factual"
     batch_size: BatchSize = 16
     n_boot: NBoot = 2000
     seed: Seed = 0
@@ -206,27 +241,13 @@ class ContractionOptions:
     device: Device = None
 
     def settings(self) -> dict[str, Any]:
-        """The fields of the experiments' ContractionSettings, read and checked (ConfigError)."""
-        return {
-            "prompts": path_text(self.prompts),
-            "bank_version": self.bank_version,
-            "groups": parse_names(self.groups),
-            "layers": parse_layer_pair(self.layers, "--layers"),
-            "window": self.window,
-            "pr_modes": ["per-head", "whole"] if self.pr_mode == "both" else [self.pr_mode],
-            "point": self.point,
-            "recursive_group": self.recursive_group,
-            "baseline_group": self.baseline_group,
-            "batch_size": self.batch_size,
-            "n_boot": self.n_boot,
-            "seed": self.seed,
-            "dtype": self.dtype,
-            "device": self.device,
-        }
+        values = super().settings()
+        mode = values.pop("pr_mode")
+        return {**values, "pr_modes": ["per-head", "whole"] if mode == "both" else [mode]}
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingOptions:
+class SamplingOptions(OptionGroup):
     """Generation length and sampling of ``temporal`` and ``kv-patch`` (fields as in configs)."""
 
     max_new_tokens: MaxNewTokens = 64
@@ -234,8 +255,17 @@ class SamplingOptions:
     top_p: TopP = 1.0
     seed: Seed = 0
 
-    def settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Where the run is written, and whether a complete run there is recomputed."""
+
+    out: Out = None
+    force: Force = False
+
+    def launch(self, run: Callable[..., Any], config: Any, **extra: Any) -> Path:
+        """Run ``run(config)`` into this run directory and print its outcome."""
+        return print_outcome(run(config, out=self.out, force=self.force, **extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +275,14 @@ class ExecutorOptions:
     executor: Executor = "local"
     ray_address: RayAddress = None
     gpus_per_job: GpusPerJob = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationOptions(OptionGroup):
+    """How a head or layer is ablated: zeroed, or set to its mean over a reference group."""
+
+    mode: Mode = "zero"
+    reference_group: ReferenceGroup = "factual"
 
 
 # ----------------------------------------------------------------------------- errors and output
@@ -368,5 +406,43 @@ def command(
         run_command.__signature__ = inspect.Signature(visible, return_annotation=None)
         run_command.__annotations__ = {p.name: p.annotation for p in visible}
         return run_command
+
+    return decorate
+
+
+def experiment(
+    config_class: type,
+    run: Callable[..., Any],
+    *,
+    helps: Mapping[str, str] | None = None,
+    without: Collection[str] = (),
+) -> Callable[[Callable[..., dict[str, Any] | None]], Callable[..., None]]:
+    """Make a function the rloop command of one experiment: options in, config, run, outcome.
+
+    The command reads every option by its :class:`ReadAs`, then builds ``config_class`` from
+    the settings of its :class:`OptionGroup` parameters and from every plain option named as a
+    config field, updated with what the decorated function returns (the values it derives
+    itself, e.g. ``{"components": [...]}``; it may return None). The config is run with
+    ``run(config, out=..., force=...)`` of the command's :class:`RunOptions` parameter, and the
+    outcome printed. ``helps`` and ``without`` are as in :func:`command`.
+    """
+    config_fields = {field.name for field in dataclasses.fields(config_class)}
+
+    def decorate(func: Callable[..., dict[str, Any] | None]) -> Callable[..., None]:
+        hints = typing.get_type_hints(func, include_extras=True)
+
+        @functools.wraps(func)
+        def run_experiment(**values: Any) -> None:
+            values = {name: read_option(name, hints[name], value) for name, value in values.items()}
+            config_values: dict[str, Any] = {}
+            for value in values.values():
+                if isinstance(value, OptionGroup):
+                    config_values.update(value.settings())
+            config_values.update({name: values[name] for name in config_fields & set(values)})
+            config_values.update(func(**values) or {})
+            (launcher,) = [value for value in values.values() if isinstance(value, RunOptions)]
+            launcher.launch(run, config_class(**config_values))
+
+        return command(helps=helps, without=without)(run_experiment)
 
     return decorate

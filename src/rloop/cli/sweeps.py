@@ -7,27 +7,23 @@ from typing import Annotated
 import typer
 
 from rloop.cli.options import (
-    DEFAULT_MODEL,
     BatchSize,
     ContractionOptions,
-    Device,
-    Dtype,
+    ContrastOptions,
     ExecutorOptions,
-    Force,
-    Groups,
     Model,
+    ModelOptions,
     Models,
     NBoot,
-    Out,
-    Prompts,
+    PromptOptions,
     Revision,
+    RunOptions,
     Seed,
     command,
     out_console,
-    print_outcome,
     with_help,
 )
-from rloop.cli.parsing import parse_names, path_text
+from rloop.cli.parsing import parse_names
 from rloop.experiments.executors import make_executor
 from rloop.experiments.gain import GainConfig, run_gain
 from rloop.experiments.sweeps import (
@@ -40,33 +36,26 @@ from rloop.experiments.sweeps import (
 
 # Across models, --device auto spreads each model over every GPU (device_map="auto").
 SPREAD_DEVICE = {"device": "cpu | cuda | auto (spread over all GPUs)."}
-SpreadDevice = with_help(Device, SPREAD_DEVICE["device"])
-OneModel = with_help(Model, "One model (registry name, hub id, local dir).")
 ManyModels = with_help(Models, "Comma-separated models; replaces --model.")
 RevisionsOf = with_help(Model, "Hub id the revisions belong to.")
-SweepOut = with_help(Out, "Sweep run directory.")
 # A sweep's --force rebuilds its tables; the runs of finished jobs are kept.
-SweepForce = with_help(
-    Force, "Rebuild the tables and retry failed jobs (finished job runs are reused)."
-)
+SWEEP_RUN = {
+    "out": "Sweep run directory.",
+    "force": "Rebuild the tables and retry failed jobs (finished job runs are reused).",
+}
 
 
-@command()
+@command(helps={**SPREAD_DEVICE, "model": "One model (registry name, hub id, local dir)."})
 def gain(
     *,
-    model: OneModel = DEFAULT_MODEL,
+    loaded: ModelOptions,
     models: ManyModels = None,
-    revision: Revision = None,
-    prompts: Prompts = None,
-    groups: Groups = None,
+    source: PromptOptions,
     batch_size: BatchSize = 8,
     rho_threshold: Annotated[float, typer.Option(help="H25: rho >= this predicts gain < 1.")] = 0.2,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
-    dtype: Dtype = None,
-    device: SpreadDevice = None,
-    out: Out = None,
-    force: Force = False,
+    run: RunOptions,
 ) -> None:
     """Residual-stream gain of every block (hooks, not hidden_states), the final norm's
     effect, rho = n_heads / d_head and the H25 analysis across models.
@@ -77,23 +66,22 @@ def gain(
 
       rloop gain --models EleutherAI/pythia-70m,EleutherAI/pythia-160m,EleutherAI/pythia-410m
     """
+    model_settings = loaded.settings()
+    single_model = model_settings.pop("model")
     config = GainConfig(
-        models=parse_names(models) or [model],
-        revision=revision,
-        prompts=path_text(prompts),
-        groups=parse_names(groups),
+        models=parse_names(models) or [single_model],
+        **model_settings,
+        **source.settings(),
         batch_size=batch_size,
         rho_threshold=rho_threshold,
         n_boot=n_boot,
         seed=seed,
-        dtype=dtype,
-        device=device,
     )
-    run_dir = print_outcome(run_gain(config, out=out, force=force))
+    run_dir = run.launch(run_gain, config)
     out_console.print(f"figure: {run_dir / 'plots' / 'h25.png'}", markup=False)
 
 
-@command(helps=SPREAD_DEVICE)
+@command(helps={**SPREAD_DEVICE, **SWEEP_RUN})
 def scaling(
     *,
     models: Models,
@@ -101,8 +89,8 @@ def scaling(
     gain: Annotated[bool, typer.Option("--gain", help="Also measure residual gain (H25).")] = False,
     runner: ExecutorOptions,
     measure: ContractionOptions,
-    out: SweepOut = None,
-    force: SweepForce = False,
+    contrast: ContrastOptions,
+    run: RunOptions,
 ) -> None:
     """Contraction (R_V recursive vs baseline) across models, one loaded at a time; table
     and plot vs parameter count. Resumes where it stopped.
@@ -117,13 +105,13 @@ def scaling(
         models=parse_names(models) or [],
         revision=revision,
         gain=gain,
-        settings=ContractionSettings(**measure.settings()),
+        settings=ContractionSettings(**measure.settings(), **contrast.settings()),
     )
     executor = make_executor(runner.executor, runner.ray_address, runner.gpus_per_job)
-    print_outcome(run_scaling(config, out=out, force=force, executor=executor))
+    run.launch(run_scaling, config, executor=executor)
 
 
-@command(helps=SPREAD_DEVICE)
+@command(helps={**SPREAD_DEVICE, **SWEEP_RUN})
 def checkpoints(
     *,
     model: RevisionsOf = None,
@@ -143,8 +131,8 @@ def checkpoints(
     ] = False,
     runner: ExecutorOptions,
     measure: ContractionOptions,
-    out: SweepOut = None,
-    force: SweepForce = False,
+    contrast: ContrastOptions,
+    run: RunOptions,
 ) -> None:
     """R_V per group and the recursive-baseline gap across training checkpoints.
 
@@ -160,10 +148,10 @@ def checkpoints(
         revisions=parse_names(revisions),
         checkpoint_dirs=parse_names(checkpoint_dirs),
         evict=evict,
-        settings=ContractionSettings(**measure.settings()),
+        settings=ContractionSettings(**measure.settings(), **contrast.settings()),
     )
     executor = make_executor(runner.executor, runner.ray_address, runner.gpus_per_job)
-    print_outcome(run_checkpoints(config, out=out, force=force, executor=executor))
+    run.launch(run_checkpoints, config, executor=executor)
 
 
 def register(app: typer.Typer) -> None:
