@@ -248,6 +248,14 @@ def test_every_experiment_option_reaches_its_config(tmp_path, calls) -> None:
             {"models": ["smollm2-135m"], "prompts": str(tmp_path / "p.txt"), "groups": ["a"]},
         ),
         (["ablate", "--mode", "mean", "--reference-group", "L1"], {"mode": "mean"}),
+        (
+            ["robustness", "--windows", "8,16", "--points", "v", "--early-layers", "1-3"],
+            {"windows": [8, 16], "points": ["v"], "early_layers": [1, 2, 3], "twin_group": None},
+        ),
+        (
+            ["robustness", "--twin-group", "L5_twin", "--max-prompts", "0"],
+            {"twin_group": "L5_twin", "max_prompts": None, "estimators": ["plain", "corrected"]},
+        ),
     ]
     for args, expected in cases:
         calls.clear()
@@ -259,3 +267,17 @@ def test_every_experiment_option_reaches_its_config(tmp_path, calls) -> None:
     calls.clear()
     CliRunner().invoke(app, ["ablate-layer", "--layers", "2", "--component", "both"])
     assert calls[0][1].components == ["attn", "mlp"]
+
+
+def test_robustness_refuses_an_empty_grid_before_loading(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
+    out = tmp_path / "never"
+    for args, message in (
+        (["--windows", ""], "error: cannot read --windows ''"),
+        (["--points", ""], "error: give at least one hook point with --points"),
+        (["--estimators", "median"], "error: unknown PR estimator 'median'"),
+    ):
+        result = CliRunner().invoke(app, ["robustness", *args, "--out", str(out)])
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith(message), (args, result.stderr)
+        assert not out.exists() and not (tmp_path / "store").exists()

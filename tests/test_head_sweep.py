@@ -7,6 +7,7 @@ import torch
 
 from rloop.adapters import adapter_for
 from rloop.capture.batching import EncodedBatch
+from rloop.capture.memory import activation_bytes_per_token
 from rloop.interventions.edits import mean_activations
 from rloop.interventions.head_sweep import head_sweep, single_head_reference
 from tests.tiny_models import FAMILIES, VOCAB, tiny_model
@@ -205,8 +206,6 @@ def test_memory_budget_chunks_give_the_same_sweep() -> None:
     batch = _ragged_batch()
     whole = head_sweep(model, adapter, batch, [0, 1], 1, 2, WINDOW)
     # A budget of a few rows' activations forces many chunks.
-    from rloop.interventions.head_sweep import activation_bytes_per_token
-
     tiny_budget = 30 * activation_bytes_per_token(model, adapter, max(batch.n_tokens))
     chunked = head_sweep(model, adapter, batch, [0, 1], 1, 2, WINDOW, memory_budget=tiny_budget)
     for m in whole.pr_late:

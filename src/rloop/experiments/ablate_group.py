@@ -26,7 +26,7 @@ from rloop.experiments.settings import RVSettings, load_reference, prepare, refe
 from rloop.interventions.edits import HeadList, check_ablation_mode, check_head_list, parse_heads
 from rloop.interventions.engine import head_set_r_v, measure_r_v
 from rloop.metrics.stats import paired_change
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "ablate-group"
@@ -246,9 +246,7 @@ def _plot(results, random_table, path, config, n_heads) -> None:
 def _markdown(summary, heads, origin, config, prepared, seconds) -> str:
     row = summary.iloc[0]
     lines = [
-        "# Group ablation",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Group ablation", prepared.lm),
         f"- heads ({len(heads)}, {config.unit}, {config.mode} ablation at the input of the "
         f"attention output projection): {', '.join(f'L{a}H{b}' for a, b in heads)}",
         f"- heads from: {origin}",

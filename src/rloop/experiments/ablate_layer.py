@@ -23,7 +23,7 @@ from rloop.interventions.edits import check_ablation_mode, layer_ablation_edits
 from rloop.interventions.engine import measure_r_v
 from rloop.metrics.stats import paired_change
 from rloop.progress import progress_bar
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "ablate-layer"
@@ -172,9 +172,7 @@ def _plot_layer_ablation(summary, path, config, early, late) -> None:
 
 def _layer_markdown(summary, config, prepared, seconds) -> str:
     lines = [
-        "# Layer ablation",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Layer ablation", prepared.lm),
         f"- {config.mode} ablation of the whole attention-block output (attn) / MLP output (mlp) "
         "at every token"
         + (

@@ -16,11 +16,11 @@ import torch
 from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
 from rloop.capture.trace import Trace, address
 from rloop.experiments.runner import execute, record_inputs
-from rloop.experiments.settings import RVSettings, layer_list, prepare
+from rloop.experiments.settings import RVSettings, prepare_contrast
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import contrast
 from rloop.progress import progress_bar
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "attn-vs-mlp"
@@ -61,10 +61,8 @@ def component_pr(
 
 def run_components(config: ComponentsConfig, out=None, force: bool = False, lm=None):
     """``rloop attn-vs-mlp``: returns (run_dir, already_complete, headline)."""
-
-    prepared = prepare(config, [config.recursive_group, config.baseline_group], lm)
+    prepared, layers = prepare_contrast(config, lm)
     lm = prepared.lm
-    layers = layer_list(lm.adapter, config.layers)
 
     def body(run) -> dict:
         record_inputs(run, prepared)
@@ -194,9 +192,7 @@ def _plot_components(table: pd.DataFrame, path) -> None:
 
 def _components_markdown(table, contrasts, config, prepared, seconds) -> str:
     lines = [
-        "# Attention vs MLP",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Attention vs MLP", prepared.lm),
         f"- PR (whole: the (W, d_model) window, W = {config.window}) of the attention-block "
         "output (`attn_out`) and the MLP output (`mlp_out`) per layer; lower PR = fewer "
         "effective dimensions",

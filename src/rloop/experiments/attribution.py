@@ -26,7 +26,7 @@ from rloop.interventions.edits import check_ablation_mode
 from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics.stats import correlation_with_ci
 from rloop.progress import progress_bar
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "attribution"
@@ -244,9 +244,7 @@ def _scatter(computed, path, corr, config) -> None:
 
 def _attribution_markdown(heads, agreement, corr, config, prepared, gradient_s, exact_s) -> str:
     lines = [
-        "# Attribution patching vs exact head sweep",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Attribution patching vs exact head sweep", prepared.lm),
         f"- R_V = PR(L{prepared.late}) / PR(L{prepared.early}) ({prepared.rule}), "
         f"{config.pr_mode} PR, window {config.window}; {config.mode} ablation of query heads",
         "- attribution = sum over real tokens of dR_V/dz * (z_ablated - z): the first-order "

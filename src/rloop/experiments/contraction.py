@@ -40,9 +40,8 @@ from rloop.errors import ConfigError, PromptError
 from rloop.experiments.runner import (
     PromptBatch,
     execute,
-    model_manifest,
     prompt_batches,
-    prompts_manifest,
+    record_model_and_prompts,
     run_units,
 )
 from rloop.experiments.settings import (
@@ -77,6 +76,7 @@ from rloop.prompts import (
     check_window,
 )
 from rloop.runs import plots as plotting
+from rloop.runs.markdown import markdown_table, model_line
 
 EXPERIMENT = "contraction"
 DEFAULT_TWIN_GROUP = DEFAULT_PAIRED_CONTRAST[1]
@@ -756,14 +756,14 @@ def report_markdown(result: ContractionResult, config: ContractionConfig, model_
         "",
         "## R_V by group",
         "",
-        _markdown_table(result.groups),
+        markdown_table(result.groups),
         "",
     ]
     if not result.contrasts.empty:
         lines += [
             "## Recursive vs baseline",
             "",
-            _markdown_table(result.contrasts.T.reset_index()),
+            markdown_table(result.contrasts.T.reset_index()),
             "",
         ]
     lines += _design_sections(result)
@@ -886,23 +886,11 @@ def _table_or_notes(frame: pd.DataFrame, columns: list[str], notes: list[str], t
         for column in ("reason", "share_reason"):
             if column in shown.columns:
                 shown[column] = shown[column].map(lambda v: v if isinstance(v, str) else "")
-        lines += [_markdown_table(shown), ""]
+        lines += [markdown_table(shown), ""]
     lines += [f"- {note}" for note in notes if note.startswith(topic)]
     if lines and lines[-1] != "":
         lines.append("")
     return lines
-
-
-def _markdown_table(frame: pd.DataFrame) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def write_plots(result: ContractionResult, config: ContractionConfig, plot_path) -> list[Path]:
@@ -950,8 +938,7 @@ def run_contraction(
     check_window(prompt_set, lm.tokenizer, config.window)
 
     def body(run) -> dict:
-        run.set_model(model_manifest(lm))
-        run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
+        record_model_and_prompts(run, lm, prompt_set)
         result = measure_contraction(lm, prompt_set, config, run=run)
         for name in ("results", "profile", "groups", "contrasts", "layer_sweep", "paired",
                      "pair_values", "controls", "trend", "covariates",
@@ -960,8 +947,7 @@ def run_contraction(
             if not table.empty or name in ("results", "profile", "groups"):
                 run.write_table(name, table)
         write_plots(result, config, run.plot_path)
-        model_line = f"{lm.name} ({lm.adapter.family}, {lm.adapter.n_layers} layers, {lm.dtype})"
-        run.write_summary(report_markdown(result, config, model_line))
+        run.write_summary(report_markdown(result, config, model_line(lm)))
         run.update_manifest(
             layers={
                 "early": result.layer_early,

@@ -33,7 +33,6 @@ from rloop import models as rloop_models
 from rloop.capture.batching import encode, plan_batches
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, RloopError
-from rloop.experiments.contraction import _markdown_table
 from rloop.experiments.runner import execute, prompts_manifest
 from rloop.experiments.settings import load_prompt_set
 from rloop.metrics.stats import bootstrap_ci, correlation_with_ci
@@ -41,6 +40,7 @@ from rloop.models.architecture import ArchitectureFacts, facts_of_model
 from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
 from rloop.runs.layout import one_line_error
+from rloop.runs.markdown import markdown_table
 
 EXPERIMENT = "gain"
 FINAL_NORM_STAGE = "final_norm"
@@ -55,6 +55,8 @@ class GainConfig:
 
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     revision: str | None = None  # applies to every model
+    dtype: str | None = None
+    device: str | None = None  # "auto" spreads each model over every GPU
     prompts: str | None = None  # a prompt file; None = the shipped bank
     bank_version: str = "v1"
     groups: list[str] | None = None
@@ -62,8 +64,6 @@ class GainConfig:
     rho_threshold: float = 0.2  # H25: rho >= threshold predicts dampening (gain < 1)
     n_boot: int = 2000
     seed: int = 0
-    dtype: str | None = None
-    device: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -380,11 +380,11 @@ def report_markdown(
         "",
         "## Models",
         "",
-        _markdown_table(shown),
+        markdown_table(shown),
         "",
         f"## H25 predictions (rho >= {config.rho_threshold} -> dampening)",
         "",
-        _markdown_table(predictions),
+        markdown_table(predictions),
         "",
         f"Accuracy: {accuracy:.0%}" if math.isfinite(accuracy) else "Accuracy: undefined",
         "",
@@ -394,9 +394,9 @@ def report_markdown(
     if len(models) < 3:
         lines.append(f"Only {len(models)} model(s): correlations need at least 3 (NaN below).")
         lines.append("")
-    lines += [_markdown_table(correlations[["y", "method", "r", "p", "ci_low", "ci_high", "n"]])]
+    lines += [markdown_table(correlations[["y", "method", "r", "p", "ci_low", "ci_high", "n"]])]
     if len(failures):
-        lines += ["", "## Failed models", "", _markdown_table(failures)]
+        lines += ["", "## Failed models", "", markdown_table(failures)]
     lines += [
         "",
         "Files: `models.*` (one row per model), `layers.*` (prompt x layer), `curves.*`, "

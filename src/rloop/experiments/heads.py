@@ -30,12 +30,12 @@ from rloop.capture.batching import encode, gather_windows, plan_batches, token_c
 from rloop.capture.trace import Trace, address
 from rloop.errors import UnsupportedArchitectureError
 from rloop.experiments.runner import execute, record_inputs
-from rloop.experiments.settings import RVSettings, layer_list, prepare
+from rloop.experiments.settings import RVSettings, prepare_contrast
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import benjamini_hochberg, effect_size_ci, welch_t
 from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 
 EXPERIMENT = "heads"
 QUANTITIES = ("output_norm", "pr_v", "pr_z", "self_score", "entropy")
@@ -152,10 +152,8 @@ def measure_heads(
 
 def run_head_diagnostics(config: HeadDiagnosticsConfig, out=None, force: bool = False, lm=None):
     """``rloop heads``: returns (run_dir, already_complete, headline)."""
-
-    prepared = prepare(config, [config.recursive_group, config.baseline_group], lm)
+    prepared, layers = prepare_contrast(config, lm)
     lm = prepared.lm
-    layers = layer_list(lm.adapter, config.layers)
 
     def body(run) -> dict:
         record_inputs(run, prepared, diagnostic_layers=layers)
@@ -310,9 +308,7 @@ def _plots(heads, plot_path, config, layers, n_heads) -> None:
 
 def _markdown(heads, config, prepared, seconds) -> str:
     lines = [
-        "# Head diagnostics",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Head diagnostics", prepared.lm),
         f"- window: last {config.window} real tokens (query rows for attention statistics; "
         "real keys only); eager attention",
         "- output norm: ||z_h W_O[:, h]|| per token (bias excluded), mean over the window; "

@@ -30,7 +30,6 @@ from rloop.behavior import score_texts
 from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.contraction import _markdown_table
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
 from rloop.experiments.settings import GenerationSettings, load_prompt_set
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
@@ -45,6 +44,7 @@ from rloop.interventions.kv_cache import (
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.stats import correlation_with_ci, noise_floor, transfer_percent
 from rloop.prompts import check_window
+from rloop.runs.markdown import markdown_table
 from rloop.runs.plots import _save, plt
 
 NATURAL_TARGET = "natural_target"
@@ -103,6 +103,26 @@ def check_conditions(conditions: Sequence[Condition], n_layers: int) -> None:
         if c.kind == "kv":
             check_alpha(c.alpha)
             check_layer_range(n_layers, c.layers)
+
+
+def run_config_grid(
+    lm, pairs: Sequence[Pair], conditions: Sequence[Condition], config, early: int, late: int
+) -> pd.DataFrame:
+    """:func:`run_grid` with the sampling, window, PR mode, batch rows and semantic scorer
+    choice of ``config`` (a KVPatchConfig or the validation config)."""
+    semantic = "auto" if config.semantic == "auto" else None
+    return run_grid(
+        lm,
+        pairs,
+        conditions,
+        config.sampling(),
+        early,
+        late,
+        config.window,
+        config.pr_mode,
+        config.max_batch_rows,
+        semantic=semantic,
+    )
 
 
 def run_grid(
@@ -388,18 +408,18 @@ def _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, co
         "",
         "## Transfer",
         "",
-        _markdown_table(transfer[cols]),
+        markdown_table(transfer[cols]),
         "",
         "## R_V vs behaviour",
         "",
-        _markdown_table(corr[["method", "r", "p", "ci_low", "ci_high", "n"]]),
+        markdown_table(corr[["method", "r", "p", "ci_low", "ci_high", "n"]]),
         "",
     ]
     if not doses.empty:
         summary += [
             "## Dose-response (Spearman with alpha)",
             "",
-            _markdown_table(doses[["range", "y", "r", "p", "ci_low", "ci_high"]]),
+            markdown_table(doses[["range", "y", "r", "p", "ci_low", "ci_high"]]),
             "",
         ]
     return "\n".join(summary) + "\n"
@@ -437,18 +457,7 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
     def body(run) -> dict:
         run.set_model(model_manifest(lm))
         run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
-        grid = run_grid(
-            lm,
-            pairs,
-            conditions,
-            sampling,
-            early,
-            late,
-            config.window,
-            config.pr_mode,
-            config.max_batch_rows,
-            semantic="auto" if config.semantic == "auto" else None,
-        )
+        grid = run_config_grid(lm, pairs, conditions, config, early, late)
         transfer = transfer_table(grid, config.n_boot, config.seed)
         corr = correlation_table(grid, n_boot=config.n_boot, seed=config.seed)
         doses = pd.concat(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,7 @@ from rloop.experiments.settings import RVSettings, prepare
 from rloop.interventions.edits import PatchSpec, parse_heads
 from rloop.interventions.engine import measure_pr, measure_r_v
 from rloop.metrics.stats import bootstrap_ci, transfer_percent
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "patch"
@@ -243,23 +244,14 @@ def patched_r_v_batch(
 
 
 def patched_r_v(
-    lm,
-    source_text: str,
-    target_text: str,
-    specs: list[PatchSpec],
-    early: int,
-    late: int,
-    window: int,
-    pr_mode: str,
-    positions: str = "window",
+    lm, source_text: str, target_text: str, *measure: Any, **options: Any
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """R_V of one target with ``specs`` patched from one source (a batch of one pair).
+    """R_V of one target patched from one source: :func:`patched_r_v_batch` on a batch of one
+    pair (``measure`` and ``options``: its arguments after ``pairs``, from ``specs`` on).
 
     Returns (R_V, {"early": V window (1, W, Hkv, D), "late": ...}) of the patched run.
     """
-    values, windows = patched_r_v_batch(
-        lm, [(source_text, target_text)], specs, early, late, window, pr_mode, positions
-    )
+    values, windows = patched_r_v_batch(lm, [(source_text, target_text)], *measure, **options)
     return float(values[0]), windows
 
 
@@ -466,11 +458,9 @@ def _plot(results, path, specs) -> None:
 
 
 def _markdown(summary, specs, circ, config, prepared, seconds) -> str:
-    row = summary.iloc[0]
+    row = summary.iloc[0]  # the one summary row of the patch
     lines = [
-        "# Activation patching",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Activation patching", prepared.lm),
         f"- patch: {describe(specs)} from {config.source_group} (source) into "
         f"{config.target_group} (target), pairs i -> i ({row['n_pairs']} pairs)",
         "- positions: "

@@ -53,9 +53,8 @@ from rloop.errors import ConfigError, PromptError
 from rloop.experiments.runner import (
     PromptBatch,
     execute,
-    model_manifest,
     prompt_batches,
-    prompts_manifest,
+    record_model_and_prompts,
     run_units,
 )
 from rloop.experiments.settings import Settings, check_settings, load, load_prompt_set
@@ -290,13 +289,16 @@ class ContrastDesign:
         return "pairs" if self.design == DESIGN_PAIRED else "prompts"
 
 
+def _at_most(items: list, limit: int | None) -> list:
+    """The first ``limit`` items (all when ``limit`` is None)."""
+    return items if limit is None else items[:limit]
+
+
 def contrast_design(prompt_set: PromptSet, config: RobustnessConfig) -> ContrastDesign:
     """The contrast's prompts (at most ``max_prompts`` per group, or pairs when paired)."""
     target = config.recursive_group
     if config.twin_group is not None:
-        linked = prompt_set.pairs(target, config.twin_group)
-        if config.max_prompts is not None:
-            linked = linked[: config.max_prompts]
+        linked = _at_most(prompt_set.pairs(target, config.twin_group), config.max_prompts)
         if len(linked) < 2:
             raise PromptError(
                 f"a paired contrast needs at least 2 pairs of {target} and "
@@ -308,9 +310,7 @@ def contrast_design(prompt_set: PromptSet, config: RobustnessConfig) -> Contrast
     control = config.baseline_group
     chosen: list[Prompt] = []
     for group in (target, control):
-        members = [p for p in prompt_set if p.group == group]
-        if config.max_prompts is not None:
-            members = members[: config.max_prompts]
+        members = _at_most([p for p in prompt_set if p.group == group], config.max_prompts)
         if len(members) < 2:
             raise PromptError(
                 f"group {group!r} has {len(members)} prompt(s) in {prompt_set.source}; the "
@@ -679,14 +679,7 @@ def analyse(
                 "effect": curve.effect,
                 "target_group": design.target_group,
                 "control_group": design.control_group,
-                "n_specs": curve.n_specs,
-                "n_estimable": curve.n_estimable,
-                "n_not_estimable": curve.n_not_estimable,
-                "median_effect": curve.median_effect,
-                "share_significant_positive": curve.share_significant_positive,
-                "share_significant_negative": curve.share_significant_negative,
-                "p_median": curve.p_median,
-                "p_share_significant": curve.p_share_significant,
+                **_curve_summary(curve),
                 "n_perm": curve.n_perm,
                 "alpha": curve.alpha,
                 "seed": curve.seed,
@@ -765,19 +758,27 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "NaN" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
+def _curve_summary(curve) -> dict:
+    """The joint-inference numbers of a specification curve, by name."""
+    names = (
+        "n_specs",
+        "n_estimable",
+        "n_not_estimable",
+        "median_effect",
+        "share_significant_positive",
+        "share_significant_negative",
+        "p_median",
+        "p_share_significant",
+    )
+    return {name: getattr(curve, name) for name in names}
+
+
 def _headline(result: RobustnessResult) -> dict:
     curve = result.curve
     headline = {
         "design": curve.design,
         "effect": curve.effect,
-        "n_specs": curve.n_specs,
-        "n_estimable": curve.n_estimable,
-        "n_not_estimable": curve.n_not_estimable,
-        "median_effect": curve.median_effect,
-        "share_significant_positive": curve.share_significant_positive,
-        "share_significant_negative": curve.share_significant_negative,
-        "p_median": curve.p_median,
-        "p_share_significant": curve.p_share_significant,
+        **_curve_summary(curve),
     }
     if not result.factors.empty:
         headline["top_factor"] = str(result.factors.iloc[0]["factor"])
@@ -970,8 +971,7 @@ def run_robustness(
     used = PromptSet(design.prompts, prompt_set.source, prompt_set.version, prompt_set.sha256)
 
     def body(run) -> dict:
-        run.set_model(model_manifest(lm))
-        run.set_prompts(prompts_manifest(used, lm.tokenizer))
+        record_model_and_prompts(run, lm, used)
         result = measure_robustness(lm, used, config, run=run)
         run.write_table("spec_curve", result.specs)
         run.write_table("spec_details", result.details)

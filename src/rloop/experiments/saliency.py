@@ -28,7 +28,7 @@ from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.interventions.gradients import head_gradients
 from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
-from rloop.runs.markdown import markdown_table, model_line
+from rloop.runs.markdown import markdown_table, summary_head
 
 EXPERIMENT = "saliency"
 
@@ -141,9 +141,7 @@ def plot_head_heatmap(heads, column, layers, n_heads, path, title, center=False)
 
 def _saliency_markdown(heads, by_layer, rv, config, prepared, seconds) -> str:
     lines = [
-        "# Gradient saliency",
-        "",
-        f"- model: {model_line(prepared.lm)}",
+        *summary_head("Gradient saliency", prepared.lm),
         f"- R_V = PR(L{prepared.late}) / PR(L{prepared.early}) ({prepared.rule}), "
         f"differentiable {config.pr_mode} PR in float64, window {config.window}; "
         f"mean R_V {np.nanmean(rv):.4f} over {len(rv)} prompts",

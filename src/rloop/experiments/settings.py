@@ -194,3 +194,14 @@ def layer_list(adapter, layers: Sequence[int] | None) -> list[int]:
     for layer in chosen:
         adapter.check_layer(layer)
     return sorted(set(chosen))
+
+
+def prepare_contrast(
+    settings: Settings, lm: LoadedModel | None = None
+) -> tuple[Prepared, list[int]]:
+    """:func:`prepare` for an experiment that contrasts ``settings.recursive_group`` with
+    ``settings.baseline_group`` over ``settings.layers`` (every layer when None): the
+    prepared inputs and the checked, sorted layers."""
+    groups = [settings.recursive_group, settings.baseline_group]  # type: ignore[attr-defined]
+    prepared = prepare(settings, groups, lm)
+    return prepared, layer_list(prepared.lm.adapter, settings.layers)  # type: ignore[attr-defined]

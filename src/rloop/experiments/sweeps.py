@@ -25,7 +25,6 @@ import pandas as pd
 from rloop.errors import ConfigError, RloopError
 from rloop.experiments.contraction import (
     ContractionConfig,
-    _markdown_table,
     run_contraction,
     validate_config,
 )
@@ -46,6 +45,7 @@ from rloop.models.architecture import count_parameters
 from rloop.runs import Run, default_run_dir, runs_root
 from rloop.runs import plots as plotting
 from rloop.runs.layout import atomic_write_text, config_hash, one_line_error
+from rloop.runs.markdown import markdown_table
 
 JOB_FILE = "job.json"
 SCALING = "scaling"
@@ -509,7 +509,7 @@ def _write_scaling(run, status, tables, failed, config: ScalingConfig) -> dict:
     headline: dict = {}
     lines = ["# Scaling sweep", "", f"Models: {', '.join(config.models)}", ""]
     if not table.empty:
-        lines += ["## Contraction by model", "", _markdown_table(table), ""]
+        lines += ["## Contraction by model", "", markdown_table(table), ""]
         for row in table[table.pr_mode == table.pr_mode.iloc[0]].itertuples():
             headline[f"{row.model}:contraction_pct"] = row.contraction_pct
     if config.gain and not tables["models"].empty:
@@ -520,11 +520,11 @@ def _write_scaling(run, status, tables, failed, config: ScalingConfig) -> dict:
                                  seed=config.settings.seed)  # fmt: skip
         predictions = _write_gain_subset(run, models, curves, gain_config)
         lines += ["## Last-block gain and H25 prediction (rho >= 0.2 -> gain < 1)", "",
-                  _markdown_table(predictions), "",
+                  markdown_table(predictions), "",
                   "Per-layer curves: `curves.*`; correlations: `correlations.*`; "
                   "figure: `plots/h25.png`.", ""]  # fmt: skip
     if len(failed):
-        lines += ["## Failed jobs", "", _markdown_table(failed), ""]
+        lines += ["## Failed jobs", "", markdown_table(failed), ""]
     lines.append("Child runs (one per model and experiment) are under `jobs/`.")
     run.write_summary("\n".join(lines) + "\n")
     return headline
@@ -630,12 +630,12 @@ def _write_checkpoints(run, status, tables, failed, config: CheckpointConfig) ->
         first_mode = table.pr_mode.iloc[0]
         for row in table[table.pr_mode == first_mode].itertuples():
             headline[f"{row.label}:gap"] = row.gap
-        lines += ["", "## R_V and gap by checkpoint", "", _markdown_table(table)]
+        lines += ["", "## R_V and gap by checkpoint", "", markdown_table(table)]
     evicted = [e for e in status.get("evicted", pd.Series(dtype=str)) if e]
     if evicted:
         lines += ["", f"Evicted after measuring: {'; '.join(evicted)}"]
     if len(failed):
-        lines += ["", "## Failed checkpoints", "", _markdown_table(failed)]
+        lines += ["", "## Failed checkpoints", "", markdown_table(failed)]
     lines += ["", "Child runs (one per checkpoint) are under `jobs/`."]
     run.write_summary("\n".join(lines) + "\n")
     return headline

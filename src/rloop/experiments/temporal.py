@@ -18,12 +18,12 @@ from rloop import models
 from rloop.capture.generation import generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError
-from rloop.experiments.contraction import _markdown_table
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
 from rloop.experiments.settings import GenerationSettings, load_prompt_set
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.metrics import r_v, window_pr
 from rloop.prompts import check_window
+from rloop.runs.markdown import markdown_table
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "temporal"
@@ -134,7 +134,7 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
             "",
             "## R_V at step 0 (end of encoding) and at the last step",
             "",
-            _markdown_table(marks),
+            markdown_table(marks),
             "",
             "Files: `per_step.*` (prompt x step x scope), `curves.*`, `plots/temporal_r_v.png`.",
         ]

@@ -34,7 +34,6 @@ from rloop.experiments.contraction import (
     DEFAULT_TWIN_GROUP,
     PAIRED_COLUMNS,
     ContractionConfig,
-    _markdown_table,
     measure_contraction,
     resolve_design,
 )
@@ -48,7 +47,7 @@ from rloop.experiments.kv_patch import (
     make_pairs,
     plot_dose_response,
     plot_transfer,
-    run_grid,
+    run_config_grid,
     transfer_table,
 )
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
@@ -62,6 +61,7 @@ from rloop.interventions.kv_cache import (
 )
 from rloop.prompts import DEFAULT_BANK_VERSION, check_window
 from rloop.runs import plots as plotting
+from rloop.runs.markdown import markdown_table, model_line
 
 EXPERIMENT = "validate"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "validate_default.toml"
@@ -352,18 +352,7 @@ def run_phases(lm, prompt_set, config: ValidateConfig) -> ValidateResult:
     started = time.perf_counter()
     ranges = layer_ranges(config, lm.adapter.n_layers)
     pairs = make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
-    grid = run_grid(
-        lm,
-        pairs,
-        conditions_for(config, ranges),
-        config.sampling(),
-        early,
-        late,
-        config.window,
-        config.pr_mode,
-        config.max_batch_rows,
-        semantic="auto" if config.semantic == "auto" else None,
-    )
+    grid = run_config_grid(lm, pairs, conditions_for(config, ranges), config, early, late)
     timings["generation_s"] = time.perf_counter() - started
     started = time.perf_counter()
     transfer = transfer_table(grid, n_boot=config.n_boot, seed=config.seed)
@@ -542,7 +531,7 @@ def report_markdown(result: ValidateResult, config: ValidateConfig, model_line: 
         if phase == "1":
             lines += [phase1_basis(result.contraction, config), ""]
         lines += [tables[phase], "", "Checks:", ""]
-        lines.append(_markdown_table(result.verdicts[result.verdicts.phase == phase]))
+        lines.append(markdown_table(result.verdicts[result.verdicts.phase == phase]))
         lines.append("")
     lines += [
         "Transfer % = (patched - natural target) / (natural source - natural target) x 100; "
@@ -572,10 +561,10 @@ def _phase_tables(result: ValidateResult) -> dict[str, str]:
         "welch_p",
         "mann_whitney_p",
     ]
-    unpaired = _markdown_table(c[[k for k in keep if k in c.columns]]) if not c.empty else "-"
+    unpaired = markdown_table(c[[k for k in keep if k in c.columns]]) if not c.empty else "-"
     main = _main_paired(result.contraction)
     paired = (
-        _markdown_table(
+        markdown_table(
             main[[k for k in PAIRED_COLUMNS if k in main.columns]].assign(
                 reason=lambda f: f["reason"].map(lambda v: v if isinstance(v, str) else "")
             )
@@ -598,18 +587,18 @@ def _phase_tables(result: ValidateResult) -> dict[str, str]:
         "transfer_pct",
         "transfer_undefined",
     ]
-    phase2 = _markdown_table(tr[tr.kind.isin([V_PATCH])][cols])
-    phase3 = _markdown_table(
+    phase2 = markdown_table(tr[tr.kind.isin([V_PATCH])][cols])
+    phase3 = markdown_table(
         tr[(tr.kind == "kv") & (tr.alpha == 1.0)][["range_label", "layers", *cols[1:]]]
     )
     dose = tr[(tr.kind == "kv") & (tr.range_label == "full")][["alpha", *cols[1:]]]
     phase4 = "\n\n".join(
         [
-            _markdown_table(dose.sort_values(["metric", "alpha"])),
-            _markdown_table(
+            markdown_table(dose.sort_values(["metric", "alpha"])),
+            markdown_table(
                 result.dose_response[["x", "y", "method", "r", "p", "ci_low", "ci_high", "n"]]
             ),
-            _markdown_table(
+            markdown_table(
                 result.correlations[["x", "y", "method", "r", "p", "ci_low", "ci_high", "n"]]
             ),
         ]
@@ -661,8 +650,7 @@ def run_validate(
         plotting.r_v_by_group(result.contraction.results, run.plot_path("phase1_r_v_by_group"))
         plot_transfer(result.transfer, run.plot_path("transfer"))
         plot_dose_response(result.grid, "full", run.plot_path("dose_response"))
-        model_line = f"{lm.name} ({lm.adapter.family}, {lm.adapter.n_layers} layers, {lm.dtype})"
-        run.write_summary(report_markdown(result, config, model_line))
+        run.write_summary(report_markdown(result, config, model_line(lm)))
         run.update_manifest(
             layers={
                 "early": result.early,

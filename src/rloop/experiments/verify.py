@@ -91,6 +91,7 @@ from rloop.interventions.edits import head_ablation_edit, keep_mask
 from rloop.interventions.engine import measure_pr, resolve_layers
 from rloop.interventions.kv_cache import PatchRow, patched_generate
 from rloop.metrics import PR_MODES, check_window_lengths
+from rloop.runs.markdown import markdown_table
 
 EXPERIMENT = "verify"
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -890,16 +891,6 @@ def headline_of(checks: pd.DataFrame) -> dict:
     return headline
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
-    def fmt(value) -> str:
-        return f"{value:.3g}" if isinstance(value, float | np.floating) else str(value)
-
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
 def summary_markdown(checks: pd.DataFrame, lm, wall_seconds: float) -> str:
     a = lm.adapter
     table = checks[["check", "status", "max_abs_error", "max_rel_error", "tolerance", "reason"]]
@@ -914,7 +905,7 @@ def summary_markdown(checks: pd.DataFrame, lm, wall_seconds: float) -> str:
         "- errors: max |got - want| and that over max |want|; PASS when "
         "max abs <= atol + rtol * max |want| (rtol in `tolerance`)",
         "",
-        _markdown_table(table),
+        markdown_table(table, digits=3),
         "",
         "Details per check are in `checks.csv` (`detail` column).",
     ]

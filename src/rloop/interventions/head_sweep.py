@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from rloop.adapters import Adapter
-from rloop.adapters.base import text_config
 from rloop.capture.batching import EncodedBatch, gather_windows, take_windows, window_positions
+from rloop.capture.memory import activation_bytes_per_token, default_memory_budget
 from rloop.capture.trace import LastTokenLogits, Trace, address
 from rloop.errors import ConfigError
 from rloop.interventions.edits import head_ablation_edit, keep_mask, query_heads_of
@@ -86,35 +86,6 @@ class SweepResult:
     clean_late: dict[str, torch.Tensor]
     computed_layers: list[int]
     kl: torch.Tensor | None = None
-
-
-# Activation memory of one block's forward per token, in model-dtype elements, as a multiple
-# of (d_model, intermediate): residual, norm output, q/k/v (+ rotary copies), attention
-# result and output, MLP in/out; plus one attention-score row per head (eager attention
-# materialises (B, H, T, T)); doubled for allocator slack and temporaries.
-_BLOCK_ELEMENTS_PER_TOKEN = (12, 2)
-_SLACK = 2.0
-
-
-def activation_bytes_per_token(model: nn.Module, adapter: Adapter, width: int) -> int:
-    """Estimated peak activation bytes one stacked row-token of a ``width``-token forward
-    costs in a block."""
-    config = text_config(model.config)
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-    inter = int(inter or 4 * adapter.d_model)
-    dtype = next(model.parameters()).dtype
-    per_d, per_inter = _BLOCK_ELEMENTS_PER_TOKEN
-    elements = per_d * adapter.d_model + per_inter * inter + adapter.n_heads * width
-    return int(_SLACK * elements * torch.finfo(dtype).bits // 8)
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes one stacked forward may use: a quarter of the free memory of a CUDA device, 1 GiB
-    on the CPU (larger chunks do not make CPU matmuls faster)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 4)
-    return 1 << 30
 
 
 def plan_chunks(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None):

@@ -20,6 +20,11 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([header, rule, *body])
 
 
+def summary_head(title: str, lm) -> list[str]:
+    """The first lines of a run summary: the title and the model line."""
+    return [f"# {title}", "", f"- model: {model_line(lm)}"]
+
+
 def model_line(lm) -> str:
     """'name (family, L layers, H heads, K KV heads, dtype)' of a loaded model."""
     a = lm.adapter
