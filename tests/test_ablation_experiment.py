@@ -104,8 +104,14 @@ def test_bad_heads_and_modes(tmp_path) -> None:
     lm = tiny_lm("llama")
     with pytest.raises(ConfigError, match="out of range"):
         group_ablation_edits(lm.adapter, [(0, 9)])
-    with pytest.raises(ConfigError, match="zero or mean"):
+    with pytest.raises(ConfigError, match="choose from zero, mean, resample"):
         run_head_sweep(AblationConfig(mode="half"), out=tmp_path / "x", lm=lm)
+    with pytest.raises(ConfigError, match="names a mode twice"):
+        run_head_sweep(AblationConfig(mode="zero,zero"), out=tmp_path / "x", lm=lm)
+    with pytest.raises(ConfigError, match="exceeds the 3 prompts"):
+        run_head_sweep(
+            _l5_config(tmp_path, mode="resample", n_resample=4), out=tmp_path / "x", lm=lm
+        )
     with pytest.raises(ConfigError, match="out of range"):
         run_head_sweep(
             AblationConfig(prompts=str(_prompt_file(tmp_path)), layers=[7], window=5),

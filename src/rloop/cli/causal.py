@@ -52,12 +52,17 @@ SweptLayers = with_help(Layers, "Layers whose heads are swept, e.g. 15-30 or 3,7
     helps={
         "groups": "Comma-separated groups (default L5 from the bank, all of a file).",
         "max_prompts": "Use at most this many prompts (0 = all).",
+        "mode": "zero | mean | resample, or several to compare, e.g. zero,mean,resample.",
+        "reference_group": "Reference prompts of mean and resample ablation.",
     },
 )
 def ablate(
     *,
     layers: SweptLayers = None,
     ablation: AblationOptions,
+    n_resample: Annotated[
+        int, typer.Option(help="Resample: reference prompts drawn (seeded); impacts averaged.")
+    ] = 3,
     unit: Unit = "query",
     top_k: TopK = 10,
     max_rows: MaxRows = None,
@@ -87,6 +92,8 @@ def ablate(
       rloop ablate --unit kv_group --pr-mode whole --out runs/kv-sweep
 
       rloop ablate --layers 20-29 --kl               # + last-token KL per head
+
+      rloop ablate --mode zero,mean,resample         # is the ranking robust to the ablation?
     """
 
 

@@ -2,7 +2,13 @@
 
 The sweep ablates every head (or KV group) of a layer range, one at a time, on a prompt set
 and reports per prompt x head the R_V with and without the head, using the exact batched
-engine in :mod:`rloop.interventions.head_sweep`. Per head: mean impact over prompts with a bootstrap CI,
+engine in :mod:`rloop.interventions.head_sweep`. The ablation is a choice, so the sweep runs
+one or several modes: ``zero``; ``mean`` (z set to its mean over every token of the
+reference group); ``resample`` (z set to its mean over the tokens of ONE reference prompt,
+drawn at random, the impact averaged over ``n_resample`` seeded draws: a prompt-level
+resample ablation; position-level resampling is not defined for prompts of different
+lengths). With several modes the ``mode_agreement`` table gives the Spearman rank
+correlation of the per-head mean impacts between modes. Per head: mean impact over prompts with a bootstrap CI,
 a one-sample t-test against 0 with Benjamini-Hochberg adjustment over the computed heads, and
 a noise floor; heads at layers >= the late measurement layer are reported as exactly 0 and
 marked ``computed = False``.
@@ -16,26 +22,35 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats as sps
 
 from rloop import models
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, RunStoreError
-from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
+from rloop.experiments.runner import execute, record_model_and_prompts, run_units
 from rloop.experiments.settings import RVSettings, check_settings, load_prompt_set
-from rloop.interventions.edits import HeadList, check_ablation_mode, mean_activations
+from rloop.interventions.edits import (
+    ABLATION_MODES,
+    HeadList,
+    check_ablation_mode,
+    mean_activations,
+)
 from rloop.interventions.engine import resolve_layers
 from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics import r_v
-from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci
+from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci, correlation_with_ci
 from rloop.prompts import PromptSet, check_window
 from rloop.runs import plots as plotting
 from rloop.runs.layout import read_manifest
+from rloop.runs.markdown import markdown_table
 
 EXPERIMENT = "ablate"
 # Swept layers per resume checkpoint: each unit repeats one clean forward, so a few layers
 # per unit keep that overhead small while an interrupted sweep loses little work.
 LAYERS_PER_UNIT = 4
+RESAMPLE = "resample"
+SWEEP_MODES = (*ABLATION_MODES, RESAMPLE)
 
 
 @dataclass
@@ -44,17 +59,113 @@ class AblationConfig(RVSettings):
     = ["L5"] from the bank, all groups of a user file."""
 
     layers: list[int] | None = None  # layers whose heads are swept; None = all
-    mode: str = "zero"  # zero | mean
-    reference_group: str = "factual"  # mean-ablation reference set (from the same source)
+    mode: str = "zero"  # zero | mean | resample, or several comma-separated: zero,mean,resample
+    reference_group: str = "factual"  # mean / resample reference set (from the same source)
+    n_resample: int = 3  # resample: reference prompts drawn (seeded), impacts averaged
     unit: str = "query"  # query | kv_group
     top_k: int = 10
     max_rows: int | None = None  # cap on stacked rows; None = memory budget
     kl: bool = False  # also last-token KL(clean || ablated), through the LM head
 
 
+def sweep_modes(text: str) -> list[str]:
+    """'zero,mean,resample' -> ['zero', 'mean', 'resample']; ConfigError for an empty list, an
+    unknown or a repeated mode."""
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    if not modes:
+        raise ConfigError("give at least one ablation mode, e.g. --mode zero or zero,mean,resample")
+    for mode in modes:
+        if mode not in SWEEP_MODES:
+            raise ConfigError(
+                f"unknown ablation mode {mode!r}: choose from {', '.join(SWEEP_MODES)}"
+            )
+    if len(set(modes)) != len(modes):
+        raise ConfigError(f"--mode {text!r} names a mode twice")
+    return modes
+
+
 def validate_config(config: AblationConfig) -> None:
-    check_ablation_mode(config.mode, config.unit)
+    modes = sweep_modes(config.mode)
+    check_ablation_mode("zero", config.unit)
+    if RESAMPLE in modes and config.n_resample < 1:
+        raise ConfigError(f"--n-resample must be at least 1, got {config.n_resample}")
     check_settings(config)
+
+
+def resample_draws(n_reference: int, n_resample: int, seed: int) -> list[int]:
+    """Indices of the reference prompts a resample ablation uses (seeded, no repeats)."""
+    if n_resample > n_reference:
+        raise ConfigError(
+            f"--n-resample {n_resample} exceeds the {n_reference} prompts of the reference "
+            "group: lower it or add reference prompts"
+        )
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_reference, size=n_resample, replace=False))
+
+
+def ablation_fills(lm, modes: list[str], reference, layers: list[int], config) -> dict:
+    """Per mode, the z values that replace an ablated head, one dict (layer -> (H, D)) per
+    sweep the mode averages over: zero -> [None]; mean -> the reference group's token mean;
+    resample -> the token mean of each drawn reference prompt."""
+    texts = [p.text for p in reference] if reference is not None else []
+
+    def means(chosen: list[str]) -> dict[int, torch.Tensor]:
+        return mean_activations(lm.model, lm.adapter, lm.tokenizer, chosen, layers, "z")
+
+    fills: dict[str, list] = {}
+    for mode in modes:
+        if mode == "zero":
+            fills[mode] = [None]
+        elif mode == "mean":
+            fills[mode] = [means(texts)]
+        else:
+            draws = resample_draws(len(texts), config.n_resample, config.seed)
+            fills[mode] = [means([texts[i]]) for i in draws]
+    return fills
+
+
+def averaged_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """The rows of several sweeps of one mode with their ablated values averaged (the clean
+    columns are the same in each)."""
+    if len(tables) == 1:
+        return tables[0]
+    table = tables[0].copy()
+    for column in ("r_v_ablated", "impact", "pr_late_ablated", "kl"):
+        if column in table:
+            table[column] = np.mean([t[column].to_numpy(float) for t in tables], axis=0)
+    return table
+
+
+def mode_agreement(summary: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Spearman rank correlation (bootstrap CI over heads) of the computed heads' mean impacts
+    between every two modes, and the overlap of their top-10 heads by |mean impact|."""
+    computed = summary[summary["computed"]]
+    by_mode = {
+        m: f.set_index(["layer", "head"])["mean_impact"] for m, f in computed.groupby("mode")
+    }
+    modes = list(dict.fromkeys(summary["mode"]))
+    rows = []
+    for i, first in enumerate(modes):
+        for second in modes[i + 1 :]:
+            a, b = by_mode[first].align(by_mode[second], join="inner")
+            c = correlation_with_ci(
+                a.to_numpy(), b.to_numpy(), "spearman", n_boot=n_boot, seed=seed
+            )
+            top_a = set(a.abs().sort_values(ascending=False).index[:10])
+            top_b = set(b.abs().sort_values(ascending=False).index[:10])
+            rows.append(
+                {
+                    "mode_a": first,
+                    "mode_b": second,
+                    "spearman": c.r,
+                    "ci_low": c.ci_low,
+                    "ci_high": c.ci_high,
+                    "p": c.p,
+                    "n_heads": c.n,
+                    "top10_overlap": len(top_a & top_b),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def sweep_table(result, prompt_ids: list[str], mode: str, unit: str, pr_mode: str) -> pd.DataFrame:
@@ -150,13 +261,16 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     """``rloop ablate``: returns (run_dir, already_complete, headline)."""
 
     validate_config(config)
+    modes = sweep_modes(config.mode)
     groups = config.groups or (["L5"] if config.prompts is None else None)
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
     prompts = list(prompt_set)[: config.max_prompts] if config.max_prompts else list(prompt_set)
     used = PromptSet(prompts, prompt_set.source, prompt_set.version, prompt_set.sha256)
     reference = None
-    if config.mode == "mean":
+    if set(modes) - {"zero"}:
         reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
+        if RESAMPLE in modes:
+            resample_draws(len(reference), config.n_resample, config.seed)
     if lm is None:
         lm = models.load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
@@ -171,76 +285,88 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
         check_window(reference, lm.tokenizer, config.window)
 
     def body(run) -> dict:
-        run.set_model(model_manifest(lm))
-        run.set_prompts(prompts_manifest(used, lm.tokenizer))
+        record_model_and_prompts(run, lm, used)
         started = time.perf_counter()
-        mean_z = None
+        swept = sorted(set(layers))
+        fills = ablation_fills(lm, modes, reference, swept, config)
         if reference is not None:
-            mean_z = mean_activations(
-                lm.model,
-                adapter,
-                lm.tokenizer,
-                [p.text for p in reference],
-                sorted(set(layers)),
-                "z",
-            )
             run.update_manifest(
-                mean_reference={"group": config.reference_group, "n": len(reference)}
+                ablation_reference={"group": config.reference_group, "n": len(reference)}
             )
         batch = encode(lm.tokenizer, [p.text for p in prompts], lm.device)
-        swept = sorted(set(layers))
-        units = [swept[i : i + LAYERS_PER_UNIT] for i in range(0, len(swept), LAYERS_PER_UNIT)]
+        chunks = [swept[i : i + LAYERS_PER_UNIT] for i in range(0, len(swept), LAYERS_PER_UNIT)]
+        units = [(mode, chunk) for mode in modes for chunk in chunks]
 
-        def sweep_unit(unit_layers: list[int]) -> pd.DataFrame:
-            result = head_sweep(
-                lm.model,
-                adapter,
-                batch,
-                unit_layers,
-                early,
-                late,
-                config.window,
-                modes=[config.pr_mode],
-                unit=config.unit,
-                mean_z=mean_z,
-                max_rows=config.max_rows,
-                kl=config.kl,
-            )
-            return sweep_table(
-                result, [p.id for p in prompts], config.mode, config.unit, config.pr_mode
-            )
+        def sweep_unit(unit: tuple[str, list[int]]) -> pd.DataFrame:
+            mode, unit_layers = unit
+            tables = []
+            for mean_z in fills[mode]:
+                result = head_sweep(
+                    lm.model, adapter, batch, unit_layers, early, late, config.window,
+                    modes=[config.pr_mode], unit=config.unit, mean_z=mean_z,
+                    max_rows=config.max_rows, kl=config.kl,
+                )  # fmt: skip
+                ids = [p.id for p in prompts]
+                tables.append(sweep_table(result, ids, mode, config.unit, config.pr_mode))
+            return averaged_table(tables)
 
         table = run_units(
-            run, units, sweep_unit, key=lambda u: f"layers-{u[0]:04d}-{u[-1]:04d}",
-            label="ablating heads", weight=len,
+            run, units, sweep_unit, key=lambda u: f"{u[0]}-layers-{u[1][0]:04d}-{u[1][-1]:04d}",
+            label="ablating heads", weight=lambda u: len(u[1]) * len(fills[u[0]]),
         )  # fmt: skip
         seconds = time.perf_counter() - started
         table["layer_early"], table["layer_late"] = early, late
-        summary, floor = head_summary(table, config.n_boot, config.seed)
+        summaries = {
+            m: head_summary(table[table["mode"] == m], config.n_boot, config.seed) for m in modes
+        }
+        summary = pd.concat(
+            [frame.assign(mode=m) for m, (frame, _) in summaries.items()], ignore_index=True
+        )
+        agreement = mode_agreement(summary, config.n_boot, config.seed)
         run.write_table("results", table)
         run.write_table("heads", summary)
-        _sweep_plots(summary, adapter, run.plot_path, config, early, late)
-        run.write_summary(_sweep_markdown(summary, floor, config, lm, early, late, rule, seconds))
+        if not agreement.empty:
+            run.write_table("mode_agreement", agreement)
+        for m, (frame, _) in summaries.items():
+            suffix = "" if m == modes[0] else f"_{m}"
+            _sweep_plots(frame, run.plot_path, config, early, late, m, suffix)
+        floors = {m: floor for m, (_, floor) in summaries.items()}
+        run.write_summary(
+            _sweep_markdown(summaries, agreement, config, lm, (early, late, rule), seconds)
+        )
         run.update_manifest(
             layers={"early": early, "late": late, "rule": rule, "swept": layers},
             timings={"sweep_s": seconds},
-            noise_floor=floor,
+            noise_floor=floors[modes[0]],
+            noise_floors=floors,
         )
-        top = summary.iloc[0]
-        return {
-            "noise_floor": floor,
-            "top_head": f"L{int(top['layer'])}H{int(top['head'])}",
-            "top_mean_impact": float(top["mean_impact"]),
-            "n_significant_bh05": int((summary["p_bh"] < 0.05).sum()),
-            "sweep_seconds": seconds,
-        }
+        return _sweep_headline(summaries, agreement, floors, modes, seconds)
 
     outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 
-def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
+def _sweep_headline(summaries, agreement, floors, modes, seconds) -> dict:
+    """The first mode's top head and counts (as a one-mode sweep), the others' top heads and
+    the lowest rank correlation between modes."""
+    first, _ = summaries[modes[0]]
+    top = first.iloc[0]
+    headline = {
+        "noise_floor": floors[modes[0]],
+        "top_head": f"L{int(top['layer'])}H{int(top['head'])}",
+        "top_mean_impact": float(top["mean_impact"]),
+        "n_significant_bh05": int((first["p_bh"] < 0.05).sum()),
+        "sweep_seconds": seconds,
+    }
+    for mode in modes[1:]:
+        row = summaries[mode][0].iloc[0]
+        headline[f"top_head_{mode}"] = f"L{int(row['layer'])}H{int(row['head'])}"
+    if not agreement.empty:
+        headline["min_mode_spearman"] = float(agreement["spearman"].min())
+    return headline
 
+
+def _sweep_plots(summary, plot_path, config, early, late, mode: str, suffix: str) -> None:
     layers = sorted(summary["layer"].unique())
     n_units = int(summary["head"].max()) + 1
     plots = [("impact_heatmap", "mean_impact", f"R_V impact (R_V L{late}/L{early})", True)]
@@ -254,8 +380,8 @@ def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
             grid[layers.index(layer), head] = value
         plotting.heatmap(
             grid,
-            plot_path(name),
-            title=f"{what} of {config.mode}-ablating each {config.unit} head",
+            plot_path(name + suffix),
+            title=f"{what} of {mode}-ablating each {config.unit} head",
             xlabel="head",
             ylabel="layer",
             row_labels=[str(x) for x in layers],
@@ -263,31 +389,28 @@ def _sweep_plots(summary, adapter, plot_path, config, early, late) -> None:
         )
 
 
-def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> str:
+def _mode_line(mode: str, config) -> str:
+    if mode == "zero":
+        return "zero: the head's z set to 0"
+    if mode == "mean":
+        return f"mean: z set to its mean over every token of {config.reference_group}"
+    return (
+        f"resample: z set to its mean over the tokens of one {config.reference_group} prompt, "
+        f"impact averaged over {config.n_resample} seeded draws"
+    )
+
+
+def _top_heads_lines(summary, floor, config, mode: str) -> list[str]:
     top = summary[summary["computed"]].head(config.top_k)
     has_kl = "mean_kl" in summary
+    kl_head = " mean KL | KL 95 % CI |" if has_kl else ""
     lines = [
-        "# Head ablation sweep",
         "",
-        f"- model: {lm.name} ({lm.adapter.family}); {config.mode} ablation of {config.unit} heads "
-        "at the input of the attention output projection",
-        f"- R_V = PR(L{late}) / PR(L{early}) ({rule}), {config.pr_mode} PR, window {config.window}",
-        f"- heads at layers >= {late} cannot change V at layer {late}: impact exactly 0, not computed",
+        f"## {mode} ablation: top {config.top_k} heads by |mean impact|",
+        "",
         f"- noise floor (median 95 % CI half-width of a head's mean impact): {floor:.4g}",
         f"- heads with BH-adjusted p < 0.05: {int((summary['p_bh'] < 0.05).sum())}; "
         f"above the noise floor: {int(summary['above_noise'].sum())}",
-        f"- sweep time: {seconds:.1f} s",
-    ]
-    if has_kl:
-        lines.append(
-            "- behaviour proxy: KL(clean || ablated) of the next-token distribution at each "
-            "prompt's last token, in nats, for every swept head (layers >= "
-            f"{late} included)"
-        )
-    kl_head = " mean KL | KL 95 % CI |" if has_kl else ""
-    lines += [
-        "",
-        f"## Top {config.top_k} heads by |mean impact|",
         "",
         f"| rank | layer | head | mean impact | 95 % CI | p | p (BH) | above noise |{kl_head}",
         "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_kl else ""),
@@ -305,7 +428,7 @@ def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> s
         by_kl = summary.sort_values("mean_kl", ascending=False).head(config.top_k)
         lines += [
             "",
-            f"## Top {config.top_k} heads by mean last-token KL",
+            f"### Top {config.top_k} heads by mean last-token KL",
             "",
             "| layer | head | mean KL | 95 % CI | R_V impact |",
             "|---|---|---|---|---|",
@@ -315,6 +438,39 @@ def _sweep_markdown(summary, floor, config, lm, early, late, rule, seconds) -> s
                 f"| {row.layer} | {row.head} | {row.mean_kl:.4g} | "
                 f"{row.kl_ci_low:.3g}..{row.kl_ci_high:.3g} | {row.mean_impact:+.4g} |"
             )
+    return lines
+
+
+def _sweep_markdown(summaries, agreement, config, lm, measured, seconds) -> str:
+    early, late, rule = measured
+    modes = list(summaries)
+    lines = [
+        "# Head ablation sweep",
+        "",
+        f"- model: {lm.name} ({lm.adapter.family}); {config.unit} heads ablated at the input "
+        "of the attention output projection",
+        *[f"- {_mode_line(mode, config)}" for mode in modes],
+        f"- R_V = PR(L{late}) / PR(L{early}) ({rule}), {config.pr_mode} PR, window {config.window}",
+        f"- heads at layers >= {late} cannot change V at layer {late}: impact exactly 0, not computed",
+        f"- sweep time: {seconds:.1f} s",
+    ]
+    if config.kl:
+        lines.append(
+            "- behaviour proxy: KL(clean || ablated) of the next-token distribution at each "
+            f"prompt's last token, in nats, for every swept head (layers >= {late} included)"
+        )
+    for mode, (summary, floor) in summaries.items():
+        lines += _top_heads_lines(summary, floor, config, mode)
+    if not agreement.empty:
+        lines += [
+            "",
+            "## Do the ablation modes agree?",
+            "",
+            "Spearman rank correlation of the computed heads' mean impacts between modes (95 % "
+            "bootstrap CI over heads) and the overlap of their top-10 heads by |mean impact|.",
+            "",
+            markdown_table(agreement),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -338,6 +494,9 @@ def read_sweep(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         heads = pd.read_parquet(run_dir / "heads.parquet")
     except (OSError, ValueError) as err:
         raise RunStoreError(f"cannot read the tables of sweep {run_dir}: {err}") from None
+    if "mode" in heads and heads["mode"].nunique() > 1:  # a multi-mode sweep: its first mode
+        first = sweep_modes(manifest["config"]["mode"])[0]
+        results, heads = results[results["mode"] == first], heads[heads["mode"] == first]
     return results, heads, manifest
 
 
