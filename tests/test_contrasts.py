@@ -304,3 +304,32 @@ def test_cluster_bootstrap_mean_covers_where_row_bootstrap_does_not():
         row_hits += row.low <= 0 <= row.high
     assert cluster_hits / sims > 0.88
     assert row_hits / sims < 0.7
+
+
+def _dose_data(rng, n_pairs: int, alphas, slope: float):
+    """Every pair at every alpha: y = pair effect + slope * alpha + noise."""
+    alpha = np.tile(alphas, n_pairs)
+    pair = np.repeat(np.arange(n_pairs), len(alphas))
+    y = rng.normal(0, 2, n_pairs)[pair] + slope * alpha + rng.normal(0, 1, alpha.size)
+    return alpha, y, pair
+
+
+def test_within_cluster_null_is_calibrated_and_detects_a_dose_response() -> None:
+    from rloop.metrics.contrasts import cluster_correlation
+
+    alphas = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    rng = np.random.default_rng(11)
+    p_values = []
+    for seed in range(200):
+        x, y, pair = _dose_data(rng, 8, alphas, 0.0)
+        c = cluster_correlation(
+            x, y, pair, "spearman", null="within", n_boot=100, n_perm=199, seed=seed
+        )
+        p_values.append(c.p)
+    assert c.null == "within" and c.n_exchangeable_clusters == 8
+    assert abs(np.mean(np.array(p_values) < 0.05) - 0.05) < 0.035
+    x, y, pair = _dose_data(rng, 8, alphas, 4.0)
+    assert cluster_correlation(x, y, pair, "spearman", null="within", n_perm=499).p < 0.01
+    # The block shuffle cannot move here: every pair holds the same alpha sequence.
+    blocks = cluster_correlation(x, y, pair, "spearman", null="blocks", n_perm=99)
+    assert blocks.p == 1.0

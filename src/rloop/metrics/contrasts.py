@@ -45,9 +45,10 @@ SIGN_FLIP_EXACT_MAX_PAIRS = 16  # 2**16 = 65,536 sign vectors
 JT_METHODS = ("normal", "exact", "permutation")
 JT_EXACT_MAX_ARRANGEMENTS = 200_000
 ALTERNATIVES = ("two-sided", "increasing", "decreasing")
-CLUSTER_NULLS = ("auto", "cluster-x", "blocks")
+CLUSTER_NULLS = ("auto", "cluster-x", "blocks", "within")
 NULL_CLUSTER_X = "cluster-x"
 NULL_BLOCKS = "blocks"
+NULL_WITHIN = "within"
 
 _CHUNK = 500  # permutations / resamples per vectorized block
 
@@ -676,6 +677,8 @@ def _cluster_null(null: str, x: np.ndarray, codes: np.ndarray, n_clusters: int) 
     if chosen_null == NULL_CLUSTER_X:
         return chosen_null, n_clusters
     sizes = np.bincount(codes, minlength=n_clusters) if codes.size else np.zeros(0, int)
+    if chosen_null == NULL_WITHIN:  # clusters of two or more rows can be shuffled inside
+        return chosen_null, int((sizes >= 2).sum())
     size_counts = np.bincount(sizes) if sizes.size else np.zeros(0, int)
     return chosen_null, int(sum(count for count in size_counts if count >= 2))
 
@@ -701,6 +704,19 @@ def _cluster_bootstrap_interval(
     return percentile_interval(estimates, ci)
 
 
+def _within_permutation_index(
+    codes: np.ndarray, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(size, n) row indices: each row a random permutation of the rows inside every cluster
+    (rows never leave their cluster)."""
+    n = codes.size
+    keys = rng.random((size, n))  # (size, n)
+    order = np.lexsort((keys, np.broadcast_to(codes, (size, n))), axis=-1)  # (size, n)
+    index = np.empty_like(order)
+    index[:, np.argsort(codes, kind="stable")] = order  # position j of cluster c gets a row of c
+    return index
+
+
 def _cluster_permutation_p(
     rows: _ClusteredRows,
     r: float,
@@ -721,6 +737,9 @@ def _cluster_permutation_p(
         if null == NULL_CLUSTER_X:
             order = rng.permuted(np.tile(np.arange(n_clusters), (size, 1)), axis=1)  # (chunk, K)
             x_null = cluster_x[order][:, codes]  # (chunk, n)
+            y_null = np.broadcast_to(y, x_null.shape)  # (chunk, n)
+        elif null == NULL_WITHIN:
+            x_null = x[_within_permutation_index(codes, size, rng)]  # (chunk, n)
             y_null = np.broadcast_to(y, x_null.shape)  # (chunk, n)
         else:
             y_null = y[_block_permutation_index(codes, n_clusters, size, rng)]  # (chunk, n)
@@ -764,6 +783,13 @@ def cluster_correlation(
         shares cannot move (they are counted out of ``n_exchangeable_clusters``). Because the
         within-block row order is kept, a trend over row position shared by every cluster is
         part of the null, not evidence against it.
+
+      * "within" — x is assigned within clusters (e.g. the alpha grid applied to every pair
+        of a dose-response: each cluster holds every x level). x is permuted among the rows
+        of each cluster, clusters kept apart. Under the null (y does not depend on x once
+        the cluster is fixed) the rows of a cluster are exchangeable over x. With the same
+        x levels in every cluster this is the only one of the three nulls that can move: a
+        block shuffle would pair every y-block with the same x-block.
 
       "auto" picks "cluster-x" when x is constant within every cluster, else "blocks".
       p = (1 + #{|r_null| >= |r|}) / (1 + n_perm), two-sided.
