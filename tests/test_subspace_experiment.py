@@ -72,3 +72,56 @@ def test_k_larger_than_the_data_is_refused_before_a_run_exists(tmp_path) -> None
             SubspaceConfig(prompts=str(_file(tmp_path)), k=999, window=5), out=out, lm=tiny_lm()
         )
     assert not out.exists()
+
+
+def _hand_readout(lm, directions: np.ndarray, point: str, layer: int, top_n: int):
+    """Logit lens by hand in float64: map V rows through o_proj (KV head g -> query heads of
+    its group), normalise, scale to unit RMS, RMSNorm by formula, multiply by the lm_head."""
+    model = lm.model
+    if point == "v":
+        heads = directions.reshape(len(directions), 2, 16)  # (k, Hkv, D)
+        z = np.repeat(heads, 2, axis=1).reshape(len(directions), 64)  # (k, H * D): h -> h // 2
+        w_o = (
+            model.model.layers[layer].self_attn.o_proj.weight.detach().double().numpy()
+        )  # (d, H * D)
+        rows = z @ w_o.T  # (k, d)
+    else:
+        rows = directions
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True) * np.sqrt(64)
+    norm = model.model.norm
+    w_norm, eps = norm.weight.detach().double().numpy(), norm.variance_epsilon
+    unembed = model.lm_head.weight.detach().double().numpy()  # (vocab, d)
+    tops = []
+    for sign in (1, -1):
+        x = sign * rows
+        normed = x / np.sqrt((x**2).mean(axis=1, keepdims=True) + eps) * w_norm
+        logits = normed @ unembed.T  # (k, vocab)
+        tops.append(np.argsort(-logits, axis=1)[:, :top_n])
+    return tops  # [+u ids (k, top_n), -u ids (k, top_n)]
+
+
+@pytest.mark.parametrize("point", ["v", "resid_post"])
+def test_readout_equals_a_hand_logit_lens(tmp_path, point) -> None:
+    lm = tiny_lm("llama")
+    config = SubspaceConfig(
+        prompts=str(_file(tmp_path)), layer=1, point=point, k=2, window=5, n_boot=200,
+        n_splits=10, layers=[1], readout_top_n=4,
+    )  # fmt: skip
+    run_dir, _, _ = run_subspace(config, out=tmp_path / "run", lm=lm)
+    readout = pd.read_csv(run_dir / "readout.csv")
+    assert set(readout.group) == {"L5", "factual"}
+    texts = [p.text for p in prompt_set(6) if p.group == "L5"]
+    batch = encode(lm.tokenizer, texts)
+    with torch.no_grad(), Trace(lm.model, lm.adapter, capture=[address(1, point)]) as tr:
+        lm.model(**batch.model_inputs(), use_cache=False)
+    windows = gather_windows(tr[address(1, point)], batch.n_tokens, 5).flatten(2).double().numpy()
+    directions, _ = _top(windows, 2)  # numpy SVD: signs arbitrary
+    plus, minus = _hand_readout(lm, directions, point, 1, 4)
+    rec = readout[readout.group == "L5"]
+    for j in range(2):
+        found = {
+            sign: rec[(rec.direction == j + 1) & (rec.sign == sign)].sort_values("rank")
+            for sign in "+-"
+        }
+        got = {tuple(found["+"]["token_id"]), tuple(found["-"]["token_id"])}
+        assert got == {tuple(plus[j]), tuple(minus[j])}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from rloop.cli import causal, checks, contraction, generation, sweeps
+from rloop.cli import causal, checks, contraction, generation, steering, sweeps
 from rloop.cli.models import models_app
 from rloop.cli.runs import runs_app
 
@@ -23,5 +23,6 @@ causal.register(app)
 sweeps.register(app)
 generation.register(app)
 checks.register(app)
+steering.register(app)
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs", help="List, show and compare runs in the run store.")

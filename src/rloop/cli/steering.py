@@ -4,28 +4,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from rloop.cli.options import (
+    BatchSize,
     ContrastOptions,
+    Groups,
+    MaxNewTokens,
+    MaxPrompts,
     ModelOptions,
     NBoot,
     Point,
     Prompts,
+    ReadAs,
     RunOptions,
     Seed,
+    Temperature,
+    TopP,
     Window,
-    command,
+    WindowOptions,
+    experiment,
 )
-from rloop.cli.parsing import (
-    parse_float_list,
-    parse_layer_pair,
-    parse_max_prompts,
-    parse_names,
-    path_text,
-)
+from rloop.cli.parsing import parse_float_list
 from rloop.experiments.sae_runs import (
     SAEFeaturesConfig,
     SAETrainConfig,
@@ -34,20 +36,7 @@ from rloop.experiments.sae_runs import (
 )
 from rloop.experiments.steer import DEFAULT_ALPHAS, SteerConfig, run_steer
 
-# Options of these commands only (the shared ones come from rloop.cli.options).
-RVLayers = Annotated[
-    str | None, typer.Option(help="EARLY,LATE layers of R_V, e.g. 5,25 (default by depth).")
-]
-Groups = Annotated[
-    str | None, typer.Option(help="Comma-separated prompt groups to keep (default: all).")
-]
-PromptLimit = Annotated[int, typer.Option(help="At most this many prompts per group (0 = all).")]
-NewTokens = Annotated[int, typer.Option(help="Tokens to generate.")]
-Temperature = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
-PrMode = Annotated[str, typer.Option(help="per-head | whole (PR of V in R_V).")]
 Semantic = Annotated[str, typer.Option(help="Behaviour semantic component: auto | off.")]
-ForwardBatch = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 
 sae_app = typer.Typer(
     help="Sparse autoencoders (SAELens format): train a small one; find differential features.",
@@ -55,7 +44,7 @@ sae_app = typer.Typer(
 )
 
 
-@command()
+@experiment(SteerConfig, run_steer, helps={"pr_mode": "per-head | whole (PR of V in R_V)."})
 def steer(
     *,
     loaded: ModelOptions,
@@ -74,7 +63,9 @@ def steer(
         int, typer.Option(help="Which top direction with --direction subspace (1 = first).")
     ] = 1,
     alphas: Annotated[
-        str, typer.Option(help="Push sizes in units of the median residual norm there.")
+        str,
+        typer.Option(help="Push sizes in units of the median residual norm there."),
+        ReadAs(parse_float_list),
     ] = ",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
     steer_group: Annotated[
         str | None, typer.Option(help="Group steered (default: the baseline group).")
@@ -82,24 +73,26 @@ def steer(
     n_random: Annotated[
         int, typer.Option(help="Random directions of the same norm (control seeds).")
     ] = 3,
-    max_prompts: PromptLimit = 10,
-    layers: RVLayers = None,
-    window: Window = 16,
-    pr_mode: PrMode = "per-head",
-    max_new_tokens: NewTokens = 32,
+    max_prompts: MaxPrompts = 10,
+    measure: WindowOptions,
+    max_new_tokens: MaxNewTokens = 32,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     max_batch_rows: Annotated[
-        int, typer.Option(help="Generations per batched call (0 = as the memory budget fits).")
+        int,
+        typer.Option(help="Generations per batched call (0 = as the memory budget fits)."),
+        ReadAs(lambda rows, _flag: rows or None),
     ] = 0,
     semantic: Semantic = "auto",
     n_boot: NBoot = 2000,
     seed: Seed = 0,
     run: RunOptions,
 ) -> None:
-    """Add alpha * u to the residual stream of baseline prompts (every prompt position and
-    every generated token): R_V of the prompt window and of the generated tokens, behaviour
-    score, dose-response and Spearman, against random directions of the same norm.
+    """Steer baseline prompts along the contracted direction: R_V, behaviour, dose-response.
+
+    Adds alpha * u to the residual stream at every prompt position and every generated token;
+    measures R_V of the prompt window and of the generated tokens and the behaviour score,
+    with Spearman of alpha against each, next to random directions of the same norm.
 
     Examples:
 
@@ -107,33 +100,11 @@ def steer(
 
       rloop steer --baseline-group L5_twin --direction subspace --layer 12 --max-prompts 20
     """
-    config = SteerConfig(
-        **loaded.settings(),
-        prompts=path_text(prompts),
-        **contrast.settings(),
-        layer=layer,
-        point=point,
-        direction=direction,
-        direction_index=direction_index,
-        alphas=parse_float_list(alphas, "--alphas"),
-        steer_group=steer_group,
-        n_random=n_random,
-        max_prompts=parse_max_prompts(max_prompts),
-        layers=parse_layer_pair(layers, "--layers"),
-        window=window,
-        pr_mode=pr_mode,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        max_batch_rows=max_batch_rows or None,
-        semantic=semantic,
-        n_boot=n_boot,
-        seed=seed,
-    )
-    run.launch(run_steer, config)
 
 
-@command()
+@experiment(
+    SAETrainConfig, run_sae_train, helps={"groups": "Prompt groups to keep (default: all)."}
+)
 def train(
     *,
     loaded: ModelOptions,
@@ -156,14 +127,14 @@ def train(
     heldout_prompts: Annotated[
         float, typer.Option(help="Share of prompts held out for the metrics.")
     ] = 0.1,
-    batch_size: ForwardBatch = 16,
+    batch_size: BatchSize = 64,
     seed: Seed = 0,
     run: RunOptions,
-) -> None:
-    """Train a small SAE on activations of the shipped prompt banks (or --prompts) and their
-    sampled continuations; save it in the SAELens format in the run directory.
+) -> dict[str, Any]:
+    """Train a small SAE on the prompt banks' activations; save it in the SAELens format.
 
-    Reports explained variance, L0 and dead features on held-out prompts. A small-scale
+    The data: every token of the shipped prompt banks (or --prompts) and of sampled
+    continuations. Reports explained variance, L0 and dead features on held-out prompts. A small-scale
     tool: tens of thousands of tokens, not the 10^8+ of published SAEs.
 
     Examples:
@@ -172,30 +143,10 @@ def train(
 
       rloop sae train --layer 20 --point v --architecture relu --l1 2 --d-sae 1024
     """
-    config = SAETrainConfig(
-        **loaded.settings(),
-        prompts=path_text(prompts),
-        groups=parse_names(groups),
-        layer=layer,
-        point=point or "resid_post",
-        architecture=architecture,
-        d_sae=d_sae,
-        k=k,
-        l1=l1,
-        steps=steps,
-        lr=lr,
-        train_batch_size=train_batch_size,
-        continuation_tokens=continuation_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        heldout_prompts=heldout_prompts,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    run.launch(run_sae_train, config)
+    return {"point": point or "resid_post"}
 
 
-@command()
+@experiment(SAEFeaturesConfig, run_sae_features)
 def features(
     *,
     sae: Annotated[Path, typer.Option(help="SAE directory (cfg.json + sae_weights.safetensors).")],
@@ -208,7 +159,7 @@ def features(
     point: Annotated[
         str | None, typer.Option(help="Hook point (default: from the SAE's hook name).")
     ] = None,
-    max_prompts: PromptLimit = 0,
+    max_prompts: MaxPrompts = 0,
     window: Window = 16,
     k: Annotated[int, typer.Option(help="Dimensions of the contracted subspace.")] = 8,
     top_n: Annotated[
@@ -217,13 +168,15 @@ def features(
     n_features_shown: Annotated[int, typer.Option(help="Features with examples.")] = 10,
     n_examples: Annotated[int, typer.Option(help="Top-activating tokens per feature.")] = 10,
     test: Annotated[str, typer.Option(help="welch | mann-whitney.")] = "welch",
-    batch_size: ForwardBatch = 16,
+    batch_size: BatchSize = 16,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
     run: RunOptions,
-) -> None:
-    """Which SAE features differ between recursive and baseline (or twin) windows, where the
-    top ones fire, and how much of the contracted subspace their decoder directions span.
+) -> dict[str, Any]:
+    """SAE features that differ between recursive and baseline (or twin) windows.
+
+    With bootstrap CIs and BH-adjusted p; where the top features fire; and how much of the
+    contracted subspace their decoder directions span, against random feature sets.
 
     Examples:
 
@@ -231,25 +184,7 @@ def features(
 
       rloop sae features --sae ./gemma-scope-l12 --model gemma-3-270m --baseline-group L5_twin
     """
-    config = SAEFeaturesConfig(
-        **loaded.settings(),
-        prompts=path_text(prompts),
-        sae=str(sae),
-        **contrast.settings(),
-        layer=layer,
-        point=point,
-        max_prompts=parse_max_prompts(max_prompts),
-        window=window,
-        k=k,
-        top_n=top_n,
-        n_features_shown=n_features_shown,
-        n_examples=n_examples,
-        test=test,
-        batch_size=batch_size,
-        n_boot=n_boot,
-        seed=seed,
-    )
-    run.launch(run_sae_features, config)
+    return {"sae": str(sae)}
 
 
 sae_app.command("train")(train)

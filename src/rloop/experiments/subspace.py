@@ -9,6 +9,17 @@ top-k span. Between the recursive and the baseline group: principal angles with 
 over prompts and a null from random halves of the baseline group. Stability: split-half
 overlap of the recursive group's subspace. Relay: the overlap of layer l's top recursive
 directions with layer l+1's.
+
+Read-out (logit lens of each top direction, table ``readout``): a direction at a stream point
+(resid_pre, resid_post, attn_out, mlp_out) is already a residual-stream direction; a direction
+of V is mapped into the residual through the output projection of the heads that read it
+(KV head g's part goes to every query head of its group, each through its own o_proj slice,
+and the results add up); a direction of z through o_proj directly. The mapped direction is
+normalised, fed to the final norm at unit RMS (length sqrt(d_model); RMSNorm and LayerNorm are
+scale invariant up to eps) and unembedded; the tokens with the highest logits are listed for
++u and -u (singular vectors have no sign). The unembedding's bias, where a family has one,
+is left out: it does not depend on the direction. q and k are not written into the residual
+and get no read-out.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from rloop.interventions.engine import measure_pr
 from rloop.metrics.subspace import (
     bootstrap_principal_angles,
     layer_to_layer_overlap,
+    logit_lens_tokens,
     random_overlap,
     random_split_null,
     split_half_overlap,
@@ -38,6 +50,7 @@ from rloop.runs.markdown import markdown_table, model_line
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "subspace"
+READOUT_POINTS = ("v", "z", "attn_out", "mlp_out", "resid_pre", "resid_post")
 
 
 @dataclass
@@ -52,6 +65,7 @@ class SubspaceConfig(Settings):
     layers: list[int] | None = None  # layers of the relay curve; None = every layer
     n_splits: int = 100
     batch_size: int = 16
+    readout_top_n: int = 10  # tokens per direction and sign in the logit-lens read-out
 
 
 def _check(config: SubspaceConfig) -> None:
@@ -59,6 +73,8 @@ def _check(config: SubspaceConfig) -> None:
         raise ConfigError(f"--k must be at least 1, got {config.k}")
     if config.recursive_group == config.baseline_group:
         raise ConfigError("--recursive-group and --baseline-group must differ")
+    if config.readout_top_n < 1:
+        raise ConfigError(f"--readout-top-n must be at least 1, got {config.readout_top_n}")
 
 
 def capture_windows(lm, prompts, layers, point: str, window: int, batch_size: int):
@@ -112,7 +128,50 @@ def _angle_table(rec, base, k, config) -> tuple[pd.DataFrame, dict]:
     return table, {"overlap": float(boot.overlap), "n_boot_undefined": int(boot.n_undefined)}
 
 
-def _point_width(adapter, point: str) -> int:
+def residual_directions(lm, point: str, layer: int, directions: torch.Tensor) -> torch.Tensor:
+    """What directions (k, width) at ``point`` write into the residual stream -> (k, d_model)
+    float64, each normalised to unit length (see the module docstring for V and z)."""
+    adapter = lm.adapter
+    if point not in READOUT_POINTS:
+        raise ConfigError(f"{point!r} is not written into the residual: no read-out")
+    rows = directions.to(torch.float64)  # (k, width)
+    if point in ("v", "z"):
+        heads = rows.unflatten(-1, (adapter.heads_at(point), adapter.d_head))  # (k, Hp, D)
+        if point == "v":  # KV head g is read by query heads g * n_rep .. (g + 1) * n_rep - 1
+            heads = heads.repeat_interleave(adapter.n_heads // adapter.n_kv_heads, dim=1)
+        o_proj = adapter.module_for(lm.model, layer, "z")  # the output projection
+        weight = next(o_proj.parameters())
+        z = heads.flatten(1).to(device=weight.device, dtype=weight.dtype)  # (k, H * D)
+        with torch.no_grad():
+            # o_proj(z) - o_proj(0): the linear part, whatever the module type (Linear, Conv1D)
+            rows = (o_proj(z) - o_proj(torch.zeros_like(z))).to("cpu", torch.float64)  # (k, d)
+    norms = rows.norm(dim=-1, keepdim=True)  # (k, 1)
+    return rows / torch.where(norms > 0, norms, 1.0)  # (k, d_model)
+
+
+def readout_table(lm, point: str, layer: int, bases: dict, top_n: int) -> pd.DataFrame:
+    """Logit-lens read-out of every group's top directions (empty for q and k): group,
+    direction (1-based, as in ``spectra``), sign, rank, token_id, logit[, token]."""
+    if point not in READOUT_POINTS:
+        return pd.DataFrame()
+    final_norm = lm.model.get_submodule(lm.adapter.final_norm_path)
+    unembed = lm.model.get_output_embeddings().weight  # (vocab, d_model)
+    decode = getattr(lm.tokenizer, "decode", None)
+    frames = []
+    for group, top in bases.items():
+        rows = residual_directions(lm, point, layer, top.directions)  # (k, d_model)
+        frame = logit_lens_tokens(
+            rows, final_norm, unembed, top_n=min(top_n, unembed.shape[0]),
+            scale=float(lm.adapter.d_model) ** 0.5,
+            decode=(lambda i: decode([i])) if decode is not None else None,
+        )  # fmt: skip
+        frame["direction"] += 1
+        frames.append(frame.assign(group=group))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["group", *[c for c in table.columns if c != "group"]]]
+
+
+def point_width(adapter, point: str) -> int:
     """Width of a window row at ``point`` with heads flattened."""
     if point in ("v", "k"):
         return adapter.n_kv_heads * adapter.d_head
@@ -144,7 +203,7 @@ def run_subspace(config: SubspaceConfig, out=None, force: bool = False, lm=None)
     relay = layer_list(lm.adapter, config.layers)
     prompts = list(prepared.prompts)
     groups = _groups_of(prompts, config)
-    d = _point_width(lm.adapter, config.point)
+    d = point_width(lm.adapter, config.point)
     if config.k > min(d, config.window * min(len(i) for i in groups.values())):
         raise ConfigError(
             f"--k {config.k} is larger than the window rows or the width ({d}); use a smaller --k"
@@ -179,6 +238,7 @@ def run_subspace(config: SubspaceConfig, out=None, force: bool = False, lm=None)
             if len(relay) > 1
             else pd.DataFrame()
         )
+        readout = readout_table(lm, config.point, layer, bases, config.readout_top_n)
         seconds = time.perf_counter() - started
         for name, table in (
             ("spectra", spectra),
@@ -186,6 +246,7 @@ def run_subspace(config: SubspaceConfig, out=None, force: bool = False, lm=None)
             ("angles", angles),
             ("stability", stability),
             ("relay", relay_table),
+            ("readout", readout),
         ):
             if not table.empty:
                 run.write_table(name, table)
@@ -193,6 +254,7 @@ def run_subspace(config: SubspaceConfig, out=None, force: bool = False, lm=None)
         chance = random_overlap(config.k, config.k, int(rec.shape[-1]))
         run.write_summary(
             _markdown(prepared, config, layer, spectra, angles, extra, stability, chance, seconds)
+            + _readout_markdown(readout, config.point)
         )
         run.update_manifest(timings={"subspace_s": seconds})
         return {
@@ -266,9 +328,26 @@ def _markdown(prepared, config, layer, spectra, angles, extra, stability, chance
                 "## Split-half stability",
                 "",
                 markdown_table(stability),
-                "",
-                "Not done yet: the logit-lens read-out of each direction.",
             ]
         )
+        + "\n"
+    )
+
+
+def _readout_markdown(readout: pd.DataFrame, point: str, shown: int = 5) -> str:
+    """The read-out section of summary.md: the first tokens of each group's directions."""
+    if readout.empty:
+        return f"\nNo logit-lens read-out: `{point}` is not written into the residual stream.\n"
+    label = "token" if "token" in readout.columns else "token_id"
+    top = readout[readout["rank"] < shown]
+    lines = (
+        top.groupby(["group", "direction", "sign"], sort=True)[label]
+        .agg(lambda values: " · ".join(repr(str(v)).replace("|", "\\|") for v in values))
+        .rename("tokens")
+        .reset_index()
+    )
+    return (
+        "\n## Logit-lens read-out (final norm + unembedding; table `readout`)\n\n"
+        + markdown_table(lines)
         + "\n"
     )

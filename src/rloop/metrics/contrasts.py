@@ -704,9 +704,7 @@ def _cluster_bootstrap_interval(
     return percentile_interval(estimates, ci)
 
 
-def _within_permutation_index(
-    codes: np.ndarray, size: int, rng: np.random.Generator
-) -> np.ndarray:
+def _within_permutation_index(codes: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, n) row indices: each row a random permutation of the rows inside every cluster
     (rows never leave their cluster)."""
     n = codes.size
