@@ -152,6 +152,12 @@ Dtype = option(
     str | None, "float32 | bfloat16 | float16 | float64 (default: float32 CPU, bfloat16 GPU)."
 )
 Device = option(str | None, "cpu | cuda | cuda:N (default: auto).")
+Verify = option(
+    bool,
+    "Run the fidelity self-check of `rloop verify` on the loaded model first; refuse to start "
+    "on a FAIL (not part of the run's config: the run directory is the same).",
+    "--verify",
+)
 Executor = option(str, "local (sequential) | ray.")
 RayAddress = option(str | None, "Ray cluster address (host:port or auto).")
 GpusPerJob = option(float | None, "GPUs per Ray job (default: 1 if any).")
@@ -178,6 +184,7 @@ class ModelOptions(OptionGroup):
     revision: Revision = None
     dtype: Dtype = None
     device: Device = None
+    verify: Verify = False
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "model": self.model or DEFAULT_MODEL}
@@ -239,6 +246,7 @@ class ContractionOptions(OptionGroup):
     seed: Seed = 0
     dtype: Dtype = None
     device: Device = None
+    verify: Verify = False
 
     def settings(self) -> dict[str, Any]:
         values = super().settings()
@@ -424,12 +432,20 @@ def experiment(
     config field, updated with what the decorated function returns (the values it derives
     itself, e.g. ``{"components": [...]}``; it may return None). The config is run with
     ``run(config, out=..., force=...)`` of the command's :class:`RunOptions` parameter, and the
-    outcome printed. ``helps`` and ``without`` are as in :func:`command`.
+    outcome printed. ``helps`` and ``without`` are as in :func:`command`. A config without a
+    ``verify`` field (e.g. ``rloop verify`` itself) does not show ``--verify``.
     """
     config_fields = {field.name for field in dataclasses.fields(config_class)}
 
     def decorate(func: Callable[..., dict[str, Any] | None]) -> Callable[..., None]:
         hints = typing.get_type_hints(func, include_extras=True)
+        hidden = tuple(without)
+        group_fields = {
+            f.name for hint in hints.values() if dataclasses.is_dataclass(hint)
+            for f in dataclasses.fields(hint)
+        }  # fmt: skip
+        if "verify" in group_fields and "verify" not in config_fields:
+            hidden = (*hidden, "verify")
 
         @functools.wraps(func)
         def run_experiment(**values: Any) -> None:
@@ -440,9 +456,11 @@ def experiment(
                     config_values.update(value.settings())
             config_values.update({name: values[name] for name in config_fields & set(values)})
             config_values.update(func(**values) or {})
+            if "verify" not in config_fields:
+                config_values.pop("verify", None)
             (launcher,) = [value for value in values.values() if isinstance(value, RunOptions)]
             launcher.launch(run, config_class(**config_values))
 
-        return command(helps=helps, without=without)(run_experiment)
+        return command(helps=helps, without=hidden)(run_experiment)
 
     return decorate

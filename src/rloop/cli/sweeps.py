@@ -1,10 +1,18 @@
-"""Commands across models: ``rloop gain``, ``rloop scaling``, ``rloop checkpoints``."""
+"""Commands across models: ``rloop gain``, ``rloop scaling``, ``rloop checkpoints``.
+
+A job (one model or checkpoint) that fails is recorded in the run and the others go on; the
+command then lists the failed jobs on stderr and exits with code 3 (:data:`FAILED_JOBS_EXIT`)
+instead of 0, so a script or a cluster scheduler sees it. Bad input is exit code 2, before
+anything is written, as everywhere.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from rloop.cli.options import (
     BatchSize,
@@ -20,6 +28,7 @@ from rloop.cli.options import (
     RunOptions,
     Seed,
     command,
+    err_console,
     out_console,
     with_help,
 )
@@ -27,9 +36,11 @@ from rloop.cli.parsing import parse_names
 from rloop.experiments.executors import make_executor
 from rloop.experiments.gain import GainConfig, run_gain
 from rloop.experiments.sweeps import (
+    FAILED_JOBS_EXIT,
     CheckpointConfig,
     ContractionSettings,
     ScalingConfig,
+    failed_jobs,
     run_checkpoints,
     run_scaling,
 )
@@ -45,7 +56,29 @@ SWEEP_RUN = {
 }
 
 
-@command(helps={**SPREAD_DEVICE, "model": "One model (registry name, hub id, local dir)."})
+def exit_on_failed_jobs(run_dir: Path, what: str = "job") -> None:
+    """List the failed jobs of a finished sweep on stderr and exit with code 3, if any."""
+    failures = failed_jobs(run_dir)
+    if not failures:
+        return
+    err_console.print(
+        f"[bold red]{len(failures)} {what}(s) failed[/] (recorded in the run; rerun with "
+        "--force to retry them, finished ones are reused):",
+        highlight=False,
+    )
+    for failure in failures:
+        err_console.print(
+            f"  {escape(str(failure['label']))}: {escape(str(failure['error']))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    raise typer.Exit(FAILED_JOBS_EXIT)
+
+
+@command(
+    helps={**SPREAD_DEVICE, "model": "One model (registry name, hub id, local dir)."},
+    without=("verify",),
+)
 def gain(
     *,
     loaded: ModelOptions,
@@ -65,8 +98,12 @@ def gain(
       rloop gain                                   # embedded SmolLM2-135M
 
       rloop gain --models EleutherAI/pythia-70m,EleutherAI/pythia-160m,EleutherAI/pythia-410m
+
+    A model that fails to load or measure is recorded and the others go on; the command then
+    exits with code 3 and lists it (2: bad input, or no model could be measured).
     """
     model_settings = loaded.settings()
+    model_settings.pop("verify")
     single_model = model_settings.pop("model")
     config = GainConfig(
         models=parse_names(models) or [single_model],
@@ -79,6 +116,7 @@ def gain(
     )
     run_dir = run.launch(run_gain, config)
     out_console.print(f"figure: {run_dir / 'plots' / 'h25.png'}", markup=False)
+    exit_on_failed_jobs(run_dir, "model")
 
 
 @command(helps={**SPREAD_DEVICE, **SWEEP_RUN})
@@ -100,6 +138,10 @@ def scaling(
       rloop scaling --models EleutherAI/pythia-70m,EleutherAI/pythia-160m --gain
 
       rloop scaling --models a,b,c --executor ray --ray-address auto --gpus-per-job 1
+
+    With --verify each model gets the fidelity self-check first; a FAIL fails its job.
+    Exit codes: 0 every job finished; 3 the sweep completed but some jobs failed (listed on
+    stderr and in failures.csv; --force retries them); 2 bad input, or every job failed.
     """
     config = ScalingConfig(
         models=parse_names(models) or [],
@@ -108,7 +150,7 @@ def scaling(
         settings=ContractionSettings(**measure.settings(), **contrast.settings()),
     )
     executor = make_executor(runner.executor, runner.ray_address, runner.gpus_per_job)
-    run.launch(run_scaling, config, executor=executor)
+    exit_on_failed_jobs(run.launch(run_scaling, config, executor=executor))
 
 
 @command(helps={**SPREAD_DEVICE, **SWEEP_RUN})
@@ -142,6 +184,10 @@ def checkpoints(
           --revisions step0,step1000,step5000,step10000,step143000 --evict
 
       rloop checkpoints --checkpoint-dirs ckpt/step100,ckpt/step200 --layers 1,2
+
+    A rerun reuses every checkpoint already measured, even one that --evict deleted.
+    Exit codes: 0 every checkpoint measured; 3 the sweep completed but some failed (listed on
+    stderr and in failures.csv; --force retries them); 2 bad input, or every one failed.
     """
     config = CheckpointConfig(
         model=model,
@@ -151,7 +197,7 @@ def checkpoints(
         settings=ContractionSettings(**measure.settings(), **contrast.settings()),
     )
     executor = make_executor(runner.executor, runner.ray_address, runner.gpus_per_job)
-    run.launch(run_checkpoints, config, executor=executor)
+    exit_on_failed_jobs(run.launch(run_checkpoints, config, executor=executor), "checkpoint")
 
 
 def register(app: typer.Typer) -> None:

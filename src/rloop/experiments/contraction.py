@@ -46,10 +46,15 @@ from rloop.experiments.runner import (
 )
 from rloop.experiments.settings import (
     Settings,
+    check_context,
+    check_groups,
+    check_point_name,
     check_settings,
+    contrasted_groups,
     limit_per_group,
     load,
     load_prompt_set,
+    verify_if_asked,
 )
 from rloop.interventions.engine import check_mode_for_point, measure_pr, resolve_layers
 from rloop.metrics import r_v
@@ -924,18 +929,24 @@ def run_contraction(
 ) -> tuple[Path, bool, dict]:
     """Full pipeline with a run record. Returns (run_dir, already_complete, headline).
 
-    All checks (settings, prompt file, groups and pairs of the design, model, layers, window
-    vs prompt lengths) happen before the run directory is created, so bad input writes
-    nothing.
+    All checks (settings, hook point, prompt file, the contrasted groups and their sizes, the
+    pairs of the design, model, layers, window and context vs prompt lengths, and with
+    ``config.verify`` the fidelity self-check) happen before the run directory is created, so
+    bad input writes nothing.
     """
     validate_config(config)
+    check_point_name(config.point)
+    check_mode_for_point(config.point, config.pr_modes)
     prompt_set = load_prompt_set(config.prompts, config.bank_version, config.groups)
     prompt_set = limit_per_group(prompt_set, config.max_prompts)
+    check_groups(prompt_set, contrasted_groups(config))
     design = resolve_design(prompt_set, config)
-    lm = load(config, lm)
-    check_mode_for_point(config.point, config.pr_modes)
-    resolve_layers(lm.adapter, config.layers, "--layers")
+    lm = load(config, lm, verify=False)
+    lm.adapter.spec(config.point)
+    early, late, _ = resolve_layers(lm.adapter, config.layers, "--layers")
     check_window(prompt_set, lm.tokenizer, config.window)
+    check_context(prompt_set, lm)
+    verify_if_asked(config, lm, prompt_set, [early, late])
 
     def body(run) -> dict:
         record_model_and_prompts(run, lm, prompt_set)

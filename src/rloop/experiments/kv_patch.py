@@ -25,13 +25,22 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rloop import models
 from rloop.behavior import score_texts
 from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
-from rloop.experiments.settings import GenerationSettings, load_prompt_set
+from rloop.experiments.settings import (
+    MIN_GROUP_SIZE,
+    GenerationSettings,
+    check_context,
+    check_groups,
+    check_settings,
+    contrasted_groups,
+    load,
+    load_prompt_set,
+    verify_if_asked,
+)
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.interventions.kv_cache import (
     DEFAULT_ALPHAS,
@@ -42,7 +51,8 @@ from rloop.interventions.kv_cache import (
     patched_generate,
 )
 from rloop.metrics import r_v, window_pr
-from rloop.metrics.stats import correlation_with_ci, noise_floor, transfer_percent
+from rloop.metrics.contrasts import NULL_WITHIN, cluster_correlation
+from rloop.metrics.stats import noise_floor, transfer_percent
 from rloop.prompts import check_window
 from rloop.runs.markdown import markdown_table
 from rloop.runs.plots import _save, plt
@@ -281,36 +291,54 @@ def correlation_table(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Pearson and Spearman r (bootstrap CI) between R_V (generated) and behaviour score over
-    the rows of the given condition kinds."""
+    """Pearson and Spearman r between R_V (generated) and behaviour score over the rows of
+    the given condition kinds. A pair contributes several rows (one per condition), so the
+    CI is a cluster bootstrap over pairs and p a block permutation of pairs
+    (:func:`~rloop.metrics.contrasts.cluster_correlation`); ``naive_p`` treats rows as
+    independent and is shown for comparison only."""
     rows = grid[grid["kind"].isin(kinds)]
     out = []
     for method in ("pearson", "spearman"):
-        c = correlation_with_ci(
+        c = cluster_correlation(
             rows["r_v_generated"].to_numpy(float),
             rows["score"].to_numpy(float),
+            rows["pair_id"].to_numpy(),
             method,
             n_boot=n_boot,
+            n_perm=n_boot,
             seed=seed,
         )
         out.append({"x": "r_v_generated", "y": "score", **c.to_dict()})
     return pd.DataFrame(out)
 
 
-def dose_response_table(grid: pd.DataFrame, range_label: str, n_boot: int = 2000, seed: int = 0):
-    """Spearman correlation of alpha with behaviour and with R_V over the alpha grid rows."""
-    rows = grid[(grid["kind"] == "kv") & (grid["range_label"] == range_label)]
+def dose_correlations(
+    rows: pd.DataFrame, metrics: Sequence[str], cluster: str, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Spearman correlation of ``alpha`` with each metric over ``rows``, where every cluster
+    (a pair, a prompt: column ``cluster``) is run at every alpha: the CI is a cluster
+    bootstrap, the p a permutation of alpha within each cluster (null "within")."""
     out = []
-    for metric in METRICS:
-        c = correlation_with_ci(
+    for metric in metrics:
+        c = cluster_correlation(
             rows["alpha"].to_numpy(float),
             rows[metric].to_numpy(float),
+            rows[cluster].to_numpy(),
             "spearman",
+            null=NULL_WITHIN,
             n_boot=n_boot,
+            n_perm=n_boot,
             seed=seed,
         )
         out.append({"x": "alpha", "y": metric, **c.to_dict()})
     return pd.DataFrame(out)
+
+
+def dose_response_table(grid: pd.DataFrame, range_label: str, n_boot: int = 2000, seed: int = 0):
+    """Spearman correlation of alpha with behaviour and with R_V over the alpha grid rows of
+    one layer range, pairs as clusters."""
+    rows = grid[(grid["kind"] == "kv") & (grid["range_label"] == range_label)]
+    return dose_correlations(rows, METRICS, "pair_id", n_boot, seed)
 
 
 def plot_dose_response(grid: pd.DataFrame, range_label: str, path) -> object:
@@ -428,20 +456,24 @@ def _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, co
 def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=None):
     """Full pipeline with a run record; every check happens before anything is written."""
 
+    check_settings(config)
     sampling = config.sampling()
     if config.max_new_tokens < config.window:
         raise ConfigError(
             f"max_new_tokens {config.max_new_tokens} is below the {config.window}-token window"
         )
+    if config.n_pairs < MIN_GROUP_SIZE:
+        raise ConfigError(
+            f"n_pairs must be at least {MIN_GROUP_SIZE} (transfer % needs the spread of the "
+            f"natural gap over pairs), got {config.n_pairs}"
+        )
     alphas = [check_alpha(a) for a in (config.alphas or DEFAULT_ALPHAS)]
     check_mode_for_point("v", [config.pr_mode])
     groups = [config.recursive_group, config.baseline_group]
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
+    check_groups(prompt_set, contrasted_groups(config))
     pairs = make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
-    if lm is None:
-        lm = models.load_model(
-            config.model, revision=config.revision, device=config.device, dtype=config.dtype
-        )
+    lm = load(config, lm, verify=False)
     n_layers = lm.adapter.n_layers
     early, late, _ = resolve_layers(lm.adapter, config.layers)
     ranges = {r: parse_range(r, n_layers) for r in (config.ranges or [])}
@@ -449,6 +481,8 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
         half = default_patch_layers(n_layers)
         ranges = {_range_text(half): half}
     check_window(prompt_set, lm.tokenizer, config.window)
+    check_context(prompt_set, lm, config.max_new_tokens)
+    verify_if_asked(config, lm, prompt_set, [early, late])
     conditions = [Condition(NATURAL_TARGET), Condition(NATURAL_SOURCE), Condition(V_PATCH)]
     conditions += [
         Condition("kv", layers, a, label) for label, layers in ranges.items() for a in alphas

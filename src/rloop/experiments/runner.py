@@ -1,9 +1,9 @@
 """The one runner: what every experiment does around its measurement.
 
 - :func:`execute` opens (or resumes) the run directory, calls the experiment's body, records
-  the headline and marks the run complete (or failed, with a one-line error). Everything that
-  can be rejected is checked by the caller *before* it is called, so a rejected request writes
-  nothing.
+  the headline, marks the run complete (or failed, with a one-line error) and writes the
+  run's ``report.html``. Everything that can be rejected is checked by the caller *before* it
+  is called, so a rejected request writes nothing.
 - :func:`run_units` runs the units of work of an experiment (prompt batches, layers, head
   chunks, generation chunks) with a progress bar, saves each finished unit's rows as a resume
   checkpoint, and on a resumed run skips what was already done (the bar counts it as done).
@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,13 @@ import pandas as pd
 
 from rloop.capture.batching import EncodedBatch, encode, plan_batches, token_counts
 from rloop.capture.memory import activation_bytes_per_token, default_memory_budget
+from rloop.errors import RunStoreError
 from rloop.experiments.settings import Prepared
 from rloop.models import LoadedModel
 from rloop.progress import progress_bar
 from rloop.prompts import Prompt, PromptSet, token_length_report
 from rloop.runs import Run, default_run_dir, runs_root
+from rloop.runs.site import REPORT_NAME, write_run_report_safely
 
 Unit = TypeVar("Unit")
 
@@ -72,10 +76,15 @@ def prompts_manifest(prompt_set: PromptSet, tokenizer) -> dict:
     }
 
 
+def record_model_and_prompts(run: Run, lm: LoadedModel, prompts: PromptSet) -> None:
+    """The model and the prompts used into the run manifest."""
+    run.set_model(model_manifest(lm))
+    run.set_prompts(prompts_manifest(prompts, lm.tokenizer))
+
+
 def record_inputs(run: Run, prepared: Prepared, **extra: object) -> None:
     """Model, prompts and R_V layers (with their rule) into the run manifest."""
-    run.set_model(model_manifest(prepared.lm))
-    run.set_prompts(prompts_manifest(prepared.prompts, prepared.lm.tokenizer))
+    record_model_and_prompts(run, prepared.lm, prepared.prompts)
     run.update_manifest(
         layers={"early": prepared.early, "late": prepared.late, "rule": prepared.rule}, **extra
     )
@@ -90,7 +99,13 @@ def execute(
     *,
     force: bool = False,
 ) -> RunOutcome:
-    """Open the run directory and call ``body(run)``; ``body`` returns the headline metrics."""
+    """Open the run directory and call ``body(run)``; ``body`` returns the headline metrics.
+
+    A completed run gets ``report.html`` (:func:`rloop.runs.site.write_run_report`) next to
+    its summary. A report that cannot be written does not fail the run: its tables, summary
+    and plots are complete, so it stays "complete", and the manifest's ``report_error`` and a
+    RuntimeWarning say why. A failed run gets no report.
+    """
     run_dir = (
         Path(out)
         if out is not None
@@ -99,11 +114,28 @@ def execute(
     with Run.open(run_dir, experiment=experiment, config=config, resume=not force) as run:
         if run.already_complete and not force:
             return RunOutcome(run.path, True, run.manifest.get("headline", {}))
+        with contextlib.suppress(FileNotFoundError):
+            (run.path / REPORT_NAME).unlink()  # a report of earlier results must not outlive them
         started = time.time()
         headline = body(run)
         run.update_manifest(headline=headline, wall_seconds=time.time() - started)
         run.complete()
+        _write_report(run)
     return RunOutcome(run_dir, False, headline)
+
+
+def _write_report(run: Run) -> None:
+    """``report.html`` of a complete run, or a note in the manifest saying why there is none."""
+    problem = write_run_report_safely(run.path)
+    if problem is None:
+        return
+    note = (
+        f"report.html not written ({problem}); the results are complete: write it with "
+        "rloop.runs.site.write_run_report(run_dir) or see the run in `rloop report`"
+    )
+    with contextlib.suppress(RunStoreError):  # the warning below still tells the user
+        run.update_manifest(report_error=note)
+    warnings.warn(f"run {run.run_id}: {note}", RuntimeWarning, stacklevel=3)
 
 
 def run_units(

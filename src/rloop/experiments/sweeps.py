@@ -6,8 +6,13 @@ child run directory ``<sweep run>/jobs/<key>/`` (a complete contraction or gain 
 the model and optionally evicts the checkpoint's files. Jobs run in this process or on Ray
 (:mod:`rloop.experiments.executors`). The sweep run saves one partial per finished job, so an
 interrupted sweep resumes with the unfinished jobs; a failing job is recorded with its error
-and the others go on. Job writes are idempotent: a job whose child run is complete (a Ray
-retry, a resumed sweep) returns the recorded result without loading the model.
+and the others go on (the CLI then exits with :data:`FAILED_JOBS_EXIT`). Job writes are
+idempotent: a job whose child run is complete (a Ray retry, a resumed sweep) returns the
+recorded result without loading the model, so a checkpoint that was measured and evicted is
+taken from the record and not needed on disk again.
+
+Everything the jobs share (settings, prompts, the contrasted groups and their sizes) is
+checked once, before the sweep run directory is created.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pandas as pd
 from rloop.errors import ConfigError, RloopError
 from rloop.experiments.contraction import (
     ContractionConfig,
+    resolve_design,
     run_contraction,
     validate_config,
 )
@@ -39,15 +45,21 @@ from rloop.experiments.gain import (
     rho_gain_correlations,
     run_gain,
 )
-from rloop.experiments.settings import load_prompt_set
+from rloop.experiments.settings import (
+    check_groups,
+    check_point_name,
+    contrasted_groups,
+    load_prompt_set,
+)
 from rloop.interventions.engine import check_mode_for_point
 from rloop.models.architecture import count_parameters
 from rloop.runs import Run, default_run_dir, runs_root
 from rloop.runs import plots as plotting
-from rloop.runs.layout import atomic_write_text, config_hash, one_line_error
+from rloop.runs.layout import atomic_write_text, config_hash, one_line_error, read_manifest
 from rloop.runs.markdown import markdown_table
 
 JOB_FILE = "job.json"
+FAILED_JOBS_EXIT = 3  # CLI exit code of a sweep that completed with failed jobs
 SCALING = "scaling"
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"(\d+)(?!.*\d)")  # the last number in a revision or directory name
@@ -74,6 +86,16 @@ class ContractionSettings:
     seed: int = 0
     dtype: str | None = None
     device: str | None = None  # "auto" spreads a model over all GPUs (device_map="auto")
+    # --verify: the fidelity self-check on each model before its contraction job (a FAIL
+    # fails that job). Not part of the sweep's identity (left out of to_dict's hash input).
+    verify: bool = False
+
+
+def _sweep_dict(config) -> dict:
+    """``asdict(config)`` without ``settings.verify`` (it must not change the run directory)."""
+    values = asdict(config)
+    values["settings"].pop("verify", None)
+    return values
 
 
 @dataclass
@@ -84,7 +106,7 @@ class ScalingConfig:
     settings: ContractionSettings = field(default_factory=ContractionSettings)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _sweep_dict(self)
 
 
 @dataclass
@@ -96,7 +118,7 @@ class CheckpointConfig:
     settings: ContractionSettings = field(default_factory=ContractionSettings)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _sweep_dict(self)
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -115,6 +137,7 @@ class SweepJob:
     out: str
     config: dict
     evict: str | None = None  # None | "hub" (HF cache entry) | "local" (the directory)
+    verify: bool = False  # the fidelity self-check before a contraction job (not in config)
 
 
 @dataclass
@@ -224,11 +247,19 @@ def run_job(job: SweepJob, loader: Callable | None = None) -> JobResult:
         n_params=n_params,
         tables=tables,
     )
+    # The record comes first: a checkpoint evicted after it is measured must never be needed
+    # again, even if the process dies between the two (the record then says not yet evicted,
+    # and the next run evicts it).
+    _write_job_file(job, result)
     if job.evict:
         result.evicted = _evict_quietly(job, snapshot_path)
+        _write_job_file(job, result)
+    return result
+
+
+def _write_job_file(job: SweepJob, result: JobResult) -> None:
     text = json.dumps(asdict(result), default=str)
     atomic_write_text(Path(job.out) / JOB_FILE, text)  # same content on every retry
-    return result
 
 
 def _evict_quietly(job: SweepJob, snapshot_path) -> list[str]:
@@ -243,7 +274,8 @@ def _evict_quietly(job: SweepJob, snapshot_path) -> list[str]:
 
 def _run_experiment(job: SweepJob, lm) -> dict[str, list[dict]]:
     if job.experiment == "contraction":
-        run_dir, _, _ = run_contraction(ContractionConfig(**job.config), out=Path(job.out), lm=lm)
+        config = ContractionConfig(**job.config, verify=job.verify)
+        run_dir, _, _ = run_contraction(config, out=Path(job.out), lm=lm)
         return {
             "contrasts": _records(run_dir / "contrasts.parquet"),
             "groups": _records(run_dir / "groups.parquet"),
@@ -260,7 +292,8 @@ def _run_experiment(job: SweepJob, lm) -> dict[str, list[dict]]:
 def _records(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return json.loads(pd.read_parquet(path).to_json(orient="records"))
+    # 15 decimals (the most to_json writes; its default 10 would round the tables)
+    return json.loads(pd.read_parquet(path).to_json(orient="records", double_precision=15))
 
 
 # ---------------------------------------------------------------------------- job lists
@@ -268,7 +301,8 @@ def _records(path: Path) -> list[dict]:
 
 def _contraction_config(settings: ContractionSettings, model: str, revision) -> dict:
     """The job's full contraction config (defaults filled in: hashes like the child run's)."""
-    return ContractionConfig(model=model, revision=revision, **asdict(settings)).to_dict()
+    values = {k: v for k, v in asdict(settings).items() if k != "verify"}
+    return ContractionConfig(model=model, revision=revision, **values).to_dict()
 
 
 def _gain_config(settings: ContractionSettings, model: str, revision) -> dict:
@@ -307,6 +341,7 @@ def scaling_jobs(config: ScalingConfig, sweep_dir: Path) -> list[SweepJob]:
                     step=None,
                     out=str(sweep_dir / "jobs" / key),
                     config=make(config.settings, model, config.revision),
+                    verify=config.settings.verify and experiment == "contraction",
                 )
             )
     return jobs
@@ -324,9 +359,6 @@ def checkpoint_jobs(config: CheckpointConfig, sweep_dir: Path) -> list[SweepJob]
     else:
         dirs = [str(Path(d).expanduser().absolute()) for d in config.checkpoint_dirs or []]
         check_unique(dirs, "checkpoint director(y/ies)")
-        missing = [d for d in dirs if not Path(d).is_dir()]
-        if missing:
-            raise ConfigError(f"checkpoint director(y/ies) not found: {', '.join(missing)}")
         entries = [(d, None, Path(d).name, "local") for d in dirs]
     for index, (model, revision, label, mode) in enumerate(entries):
         key = f"job-{index:03d}-contraction-{_slug(label)}"
@@ -341,16 +373,52 @@ def checkpoint_jobs(config: CheckpointConfig, sweep_dir: Path) -> list[SweepJob]
                 out=str(sweep_dir / "jobs" / key),
                 config=_contraction_config(config.settings, model, revision),
                 evict=mode if config.evict else None,
+                verify=config.settings.verify,
             )
         )
+    _check_checkpoints_on_disk(jobs)
     return jobs
 
 
-def _validate_settings(settings: ContractionSettings) -> None:
+def _check_checkpoints_on_disk(jobs: list[SweepJob]) -> None:
+    """ConfigError naming every local checkpoint directory that is missing and not already
+    measured (a job whose result is recorded by an earlier run of this sweep, e.g. before
+    ``--evict`` deleted it, needs no files)."""
+    missing = [
+        job.model
+        for job in jobs
+        if job.evict != "hub" and job.revision is None and not Path(job.model).is_dir()
+        and _read_job_file(job) is None
+    ]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"checkpoint director(y/ies) not found: {', '.join(missing)} (and not measured by "
+            "an earlier run of this sweep); check the paths"
+        )
 
-    validate_config(ContractionConfig(**_contraction_config(settings, "-", None)))
+
+def _validate_settings(settings: ContractionSettings) -> None:
+    """Everything the jobs share, once, before the first job: the settings, the hook point,
+    the prompt file, the contrasted groups (present, at least 2 prompts each) and the design
+    (twin group and pairs). A model-specific problem (layers, window) fails only its job."""
+    config = ContractionConfig(**_contraction_config(settings, "-", None))
+    validate_config(config)
+    check_point_name(settings.point)
     check_mode_for_point(settings.point, settings.pr_modes)
-    load_prompt_set(settings.prompts, settings.bank_version, settings.groups)
+    prompt_set = load_prompt_set(settings.prompts, settings.bank_version, settings.groups)
+    check_groups(prompt_set, contrasted_groups(settings))
+    resolve_design(prompt_set, config)
+
+
+def failed_jobs(run_dir: Path) -> list[dict]:
+    """The jobs (or models, for ``gain``) a finished sweep recorded as failed: dicts with
+    ``label`` and ``error`` (empty when none failed or the manifest has no record)."""
+    failures = read_manifest(Path(run_dir)).get("failures") or []
+    return [
+        {"label": f.get("label") or f.get("model") or f.get("key"), "error": f.get("error")}
+        for f in failures
+        if isinstance(f, dict)
+    ]
 
 
 # ---------------------------------------------------------------------------- the sweep run

@@ -14,12 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rloop import models
 from rloop.capture.generation import generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
-from rloop.errors import ConfigError
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
-from rloop.experiments.settings import GenerationSettings, load_prompt_set
+from rloop.experiments.settings import (
+    GenerationSettings,
+    check_context,
+    check_settings,
+    limit_per_group,
+    load,
+    load_prompt_set,
+    verify_if_asked,
+)
 from rloop.interventions.engine import check_mode_for_point, resolve_layers
 from rloop.metrics import r_v, window_pr
 from rloop.prompts import check_window
@@ -103,19 +109,16 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
     """Full pipeline with a run record; checks happen before anything is written."""
 
     config.sampling()
-    if config.window < 2:
-        raise ConfigError(f"window must be at least 2 tokens, got {config.window}")
-    if config.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
+    check_settings(config)
     check_mode_for_point("v", [config.pr_mode])
     groups = config.groups or [config.recursive_group, config.baseline_group]
     prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
-    if lm is None:
-        lm = models.load_model(
-            config.model, revision=config.revision, device=config.device, dtype=config.dtype
-        )
+    prompt_set = limit_per_group(prompt_set, config.max_prompts)
+    lm = load(config, lm, verify=False)
     early, late, _ = resolve_layers(lm.adapter, config.layers)
     check_window(prompt_set, lm.tokenizer, config.window)
+    check_context(prompt_set, lm, config.max_new_tokens)
+    verify_if_asked(config, lm, prompt_set, [early, late])
 
     def body(run) -> dict:
         run.set_model(model_manifest(lm))

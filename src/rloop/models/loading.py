@@ -21,10 +21,11 @@ hash of the cached safetensors copy (the GGUF hash is kept in the cache's ``sour
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -148,14 +149,31 @@ class _Placement:
     device_map: str | dict | None  # None: load, then move the whole model to ``device``
 
 
-def _from_pretrained(source: str | Path, revision: str | None, placement: _Placement):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside: transformers logs errors only and shows no progress bars of its own (its
+    "Loading weights" bar would interleave with rloop's). The caller's verbosity and
+    progress-bar setting are restored on exit, also on error."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
+
+
+def _from_pretrained(source: str | Path, revision: str | None, placement: _Placement):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -164,9 +182,6 @@ def _from_pretrained(source: str | Path, revision: str | None, placement: _Place
             attn_implementation=placement.attn,
             device_map=placement.device_map,
         )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
@@ -296,7 +311,8 @@ def _load_gguf(path: Path, placement: _Placement) -> LoadedModel:
     """A local .gguf file, dequantised by transformers' GGUF reader."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
-    loaded = embedded.load_gguf(path, placement.dtype, placement.attn)
+    with quiet_transformers():  # restores the caller's setting, which load_gguf does not
+        loaded = embedded.load_gguf(path, placement.dtype, placement.attn)
     sha256 = embedded.cached_sha256_file(path)
     return _finish(loaded, placement, _Provenance(path.name, "gguf", str(path.resolve()), sha256))
 

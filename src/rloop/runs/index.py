@@ -6,6 +6,10 @@ timeout, every write is one ``BEGIN IMMEDIATE`` transaction retried while the da
 locked, and rows are upserted by run id, so many processes (Ray workers) can write runs into
 one store at once and a retried job never adds a duplicate row.
 Note: SQLite locking needs a local file system (or one with working POSIX locks).
+
+A directory whose ``manifest.json`` cannot be read (truncated, not JSON, no run id) is not
+skipped: :func:`reindex` lists it with status ``corrupt`` and the reason in ``error``, under
+the id ``corrupt:<directory name>``, so that it can be found and repaired or deleted.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from rloop.runs.layout import (
 )
 
 INDEX_NAME = "index.sqlite"
+STATUS_CORRUPT = "corrupt"  # a directory with a manifest that cannot be read
 BUSY_TIMEOUT_SECONDS = 30.0
 LOCK_RETRY_SECONDS = 120.0
 
@@ -53,7 +58,7 @@ INDEX_COLUMNS = (
     "headline_json",
     "config_json",
 )
-LIST_COLUMNS = ["id", "experiment", "model", "status", "started", "finished", "path"]
+LIST_COLUMNS = ["id", "experiment", "model", "status", "started", "finished", "path", "reason"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -160,6 +165,24 @@ def _row_from_manifest(manifest: dict, run_dir: Path) -> tuple:
     )
 
 
+def _corrupt_row(run_dir: Path, reason: str) -> tuple:
+    """The index row of a run directory whose manifest cannot be read."""
+    run_dir = Path(run_dir).absolute()
+    return (f"{STATUS_CORRUPT}:{run_dir.name}", None, None, STATUS_CORRUPT, None, None,
+            str(run_dir), None, f"{STATUS_CORRUPT}: {reason}", "{}", "{}")  # fmt: skip
+
+
+def _manifest_problem(run_dir: Path) -> str | None:
+    """Why the manifest of ``run_dir`` (which exists) is not a usable run record, or None."""
+    try:
+        manifest = read_manifest(run_dir)
+    except RunStoreError as err:
+        return str(err).split(": ", 1)[-1]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("run_id"), str):
+        return f"{MANIFEST_NAME} has no run_id"
+    return None
+
+
 def _upsert(connection: sqlite3.Connection, row: tuple) -> None:
     placeholders = ", ".join("?" for _ in INDEX_COLUMNS)
     updates = ", ".join(f"{name}=excluded.{name}" for name in INDEX_COLUMNS[1:])
@@ -207,11 +230,15 @@ def reindex(root: Path | None = None) -> int:
         indexed = connection.execute("SELECT id, path FROM runs").fetchall()
         rows: dict[str, tuple] = {}
         for run_dir in dict.fromkeys([*scanned, *(Path(path) for _, path in indexed)]):
-            try:
+            if not (run_dir / MANIFEST_NAME).is_file():
+                continue  # gone: dropped from the index
+            problem = _manifest_problem(run_dir)
+            if problem is not None:
+                row = _corrupt_row(run_dir, problem)
+            else:
                 manifest = read_manifest(run_dir)
-                rows.setdefault(manifest["run_id"], _row_from_manifest(manifest, run_dir))
-            except (RunStoreError, KeyError):
-                continue  # gone, unreadable or foreign: not a run of this store
+                row = _row_from_manifest(manifest, run_dir)
+            rows.setdefault(row[0], row)
         for run_id, _ in indexed:
             if run_id not in rows:
                 connection.execute("DELETE FROM runs WHERE id = ?", (run_id,))
@@ -234,24 +261,32 @@ def _read_index(root: Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=list(INDEX_COLUMNS))
 
 
-LIST_STATUSES = (STATUS_RUNNING, STATUS_INTERRUPTED, STATUS_COMPLETE, STATUS_FAILED)
+LIST_STATUSES = (
+    STATUS_RUNNING,
+    STATUS_INTERRUPTED,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_CORRUPT,
+)
 
 
-def _live_status(status: str, path: str) -> str:
-    """A "running" run whose owning process is dead is listed as "interrupted"."""
+def _live_status(status: str, path: str, error: str | None) -> tuple[str, str | None]:
+    """The listed status and its reason: a "running" run whose owning process is dead is
+    "interrupted"; a failed or corrupt run's reason is its one-line error."""
     if status != STATUS_RUNNING:
-        return status
+        return status, error if status in (STATUS_FAILED, STATUS_CORRUPT) else None
     try:
-        return owner_state(read_manifest(Path(path)))[0]
-    except RunStoreError:
-        return status
+        return owner_state(read_manifest(Path(path)))
+    except RunStoreError as err:
+        return status, str(err)
 
 
 def list_runs(
     root: Path | None = None, experiment: str | None = None, status: str | None = None
 ) -> pd.DataFrame:
     """One row per run, oldest first: id, experiment, model, status, started, finished, path,
-    plus one column per headline metric the experiments recorded (NaN where a run has none).
+    reason (why a run is failed, interrupted or corrupt; None otherwise), plus one column per
+    headline metric the experiments recorded (NaN where a run has none).
 
     Reindexes from the manifests first if the index file is missing.
     """
@@ -261,10 +296,13 @@ def list_runs(
     index = _read_index(root)
     if experiment is not None:
         index = index[index["experiment"] == experiment]
+    live = [
+        _live_status(s, path, error)
+        for s, path, error in zip(index["status"], index["path"], index["error"], strict=True)
+    ]
     index = index.assign(
-        status=[
-            _live_status(s, path) for s, path in zip(index["status"], index["path"], strict=True)
-        ]
+        status=[status for status, _ in live],
+        reason=[reason if status != STATUS_RUNNING else None for status, reason in live],
     )
     if status is not None:
         if status not in LIST_STATUSES:

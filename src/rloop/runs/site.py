@@ -846,3 +846,16 @@ def write_run_report(run_dir: Path) -> Path:
     target = run_dir / REPORT_NAME
     layout.atomic_write_text(target, html)
     return target
+
+
+def write_run_report_safely(run_dir: Path) -> str | None:
+    """:func:`write_run_report` for the runner: never raises. Returns None when
+    ``report.html`` was written, else the one-line reason; a report that cannot be written is
+    removed, so a run directory never holds a report of other results than its own."""
+    try:
+        write_run_report(run_dir)
+    except Exception as err:  # a derived view: it must never cost the run its results
+        with contextlib.suppress(OSError):
+            (Path(run_dir) / REPORT_NAME).unlink()
+        return layout.one_line_error(err)
+    return None

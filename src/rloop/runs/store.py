@@ -13,12 +13,16 @@ Layout of a run directory::
 
 Every file is written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a crash mid-write leaves the previous version intact, never half a file.
+A write that fails (a full disk, a quota, a read-only file system) is one line naming the
+file (:func:`write_error`); the run is marked failed and keeps its checkpoints, so running
+the same command again after freeing space resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -27,6 +31,7 @@ import secrets
 import shutil
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -54,6 +59,7 @@ from rloop.runs.layout import (
     runs_root,
 )
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left / disk quota exceeded
 LOCK_NAME = ".lock"
 JOBS_DIR = "jobs"  # child runs of a sweep
 _HELD_LOCKS: dict[Path, int] = {}  # run directory -> lock fd held by this process
@@ -73,6 +79,28 @@ def _new_run_id() -> str:
     """Sortable and unique across processes, e.g. ``20250131-120000-3fa9c1``."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def write_error(path: Path, error: OSError) -> RunStoreError:
+    """The one-line error of a failed write of ``path``: a full disk (or quota) says so and how
+    to go on; anything else names the system's reason."""
+    if error.errno in DISK_FULL:
+        return RunStoreError(
+            f"no space left on the device to write {path} ({error.strerror}); free space or "
+            "choose another --out, then run the same command again: finished work is resumed"
+        )
+    return RunStoreError(
+        f"cannot write {path}: {error.strerror or error}; choose another run directory with --out"
+    )
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError raised while writing ``path`` becomes :func:`write_error`'s one line."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(path, err) from None
 
 
 # ---------------------------------------------------------------------------- the run
@@ -268,13 +296,8 @@ class Run:
 
     def _write_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=2, sort_keys=False, default=json_default)
-        try:
+        with _writing(self.path / MANIFEST_NAME):
             atomic_write_text(self.path / MANIFEST_NAME, text + "\n")
-        except OSError as err:
-            raise RunStoreError(
-                f"cannot write run directory {self.path}: {err.strerror or err}; "
-                "choose another with --out"
-            ) from None
 
     def _register(self) -> None:
         """Record the run in the index. Best effort: the manifest is the source of truth and
@@ -323,9 +346,11 @@ class Run:
         """
         _check_name(key, "checkpoint")
         frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-        self.partial_dir.mkdir(exist_ok=True)
         self._written_since_open = True
-        atomic_write(self.partial_dir / f"{key}.parquet", lambda tmp: frame.to_parquet(tmp))
+        path = self.partial_dir / f"{key}.parquet"
+        with _writing(path):
+            self.partial_dir.mkdir(exist_ok=True)
+            atomic_write(path, lambda tmp: frame.to_parquet(tmp))
         self.manifest["heartbeat"] = now_iso()  # shows the owner is alive and working
         self._write_manifest()
 
@@ -356,8 +381,10 @@ class Run:
         manifest."""
         _check_name(name, "table")
         self._written_since_open = True
-        atomic_write(self.path / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-        atomic_write(self.path / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False))
+        with _writing(self.path / f"{name}.parquet"):
+            atomic_write(self.path / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+        with _writing(self.path / f"{name}.csv"):
+            atomic_write(self.path / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False))
         if name not in self.manifest.setdefault("tables", []):
             self.manifest["tables"].append(name)
             self._write_manifest()
@@ -365,7 +392,8 @@ class Run:
     def write_summary(self, markdown: str) -> None:
         """Write ``summary.md`` atomically."""
         self._written_since_open = True
-        atomic_write_text(self.path / "summary.md", markdown)
+        with _writing(self.path / "summary.md"):
+            atomic_write_text(self.path / "summary.md", markdown)
 
     def plot_path(self, name: str) -> Path:
         """``plots/<name>.png`` (the directory is created). Save with
@@ -373,7 +401,8 @@ class Run:
         _check_name(name, "plot")
         self._written_since_open = True
         plots = self.path / PLOTS_DIR
-        plots.mkdir(exist_ok=True)
+        with _writing(plots):
+            plots.mkdir(exist_ok=True)
         return plots / f"{name}.png"
 
     # ------------------------------------------------------------------ ending
@@ -425,11 +454,30 @@ class Run:
         self.release()
         if exc is None:
             return False
+        # A write outside the store's own writers (a plot, a report) that found the disk full
+        # is the same one line as the store's, naming the file; the run stays resumable.
+        disk_full = isinstance(exc, OSError) and exc.errno in DISK_FULL
+        reported = write_error(_written_path(exc, self.path), exc) if disk_full else exc
         # A complete run stays complete only if its outputs are the ones it completed with.
         still_complete = self.manifest.get("status") == STATUS_COMPLETE and (
             self._completed_here or not self._written_since_open
         )
         if not still_complete:
             with contextlib.suppress(Exception):  # never mask the original error
-                self.fail(exc)
+                self.fail(reported)
+        if reported is not exc:
+            raise reported from None
         return False
+
+
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")  # atomic_write's temporary files
+
+
+def _written_path(error: OSError, run_dir: Path) -> Path:
+    """The file a failed write was for (an atomic write's temporary name mapped back to the
+    target), or the run directory when the error names none."""
+    if not error.filename:
+        return run_dir
+    path = Path(os.fsdecode(error.filename))
+    match = _TMP_NAME.match(path.name)
+    return path.with_name(match.group("name")) if match else path
