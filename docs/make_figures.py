@@ -177,16 +177,17 @@ def screenshot(url: str, target: Path, width: int = 1200, height: int = 900) -> 
         check=True,
         capture_output=True,
     )
-    shrink(raw, target)
-    raw.unlink()
-    return target
+    try:
+        return shrink(raw, target)
+    finally:
+        raw.unlink()
 
 
 def terminal_figure(args: list[str], env: dict, work: Path, name: str) -> Path:
     """The output of ``rloop ARGS`` as a terminal-like page, screenshotted."""
     done = subprocess.run(
         [RLOOP, *args],
-        env={**env, "COLUMNS": "110"},
+        env={**env, "COLUMNS": "150"},
         capture_output=True,
         text=True,
         check=True,
@@ -198,7 +199,7 @@ def terminal_figure(args: list[str], env: dict, work: Path, name: str) -> Path:
         "color:#ddd;font:14px/1.35 monospace'>" + escape("\n".join(lines)) + "</pre></body></html>",
         encoding="utf-8",
     )
-    return screenshot(page.as_uri(), FIGURES / f"{name}.png", 1000, 40 + 19 * len(lines))
+    return screenshot(page.as_uri(), FIGURES / f"{name}.png", 1300, 40 + 19 * len(lines))
 
 
 def run_command(name: str, args: list[str], env: dict, fill: dict[str, str]) -> Path:

@@ -35,8 +35,6 @@ adapter = lm.adapter
 print(f"{lm.name}: {adapter.family}, {adapter.n_layers} layers, {adapter.n_heads} heads")
 """
 
-# ---------------------------------------------------------------------------- 1. contraction
-
 
 def load_cell(*imports: str) -> nbformat.NotebookNode:
     """The notebook's imports and ``rloop.load`` of the embedded model."""
@@ -45,6 +43,8 @@ def load_cell(*imports: str) -> nbformat.NotebookNode:
 
 
 PLT, PD = "import matplotlib.pyplot as plt", "import pandas as pd"
+
+# ---------------------------------------------------------------------------- 1. contraction
 
 CONTRACTION = [
     md(

@@ -8,6 +8,44 @@ The main verbs are here for notebooks: ``rloop.load``, ``rloop.contraction``,
 
 __version__ = "0.1.0"
 
-from rloop.api import Result, ablate, contraction, gain, load, validate, verify  # noqa: E402
+from rloop.api import (  # noqa: E402
+    Result,
+    ablate,
+    ablate_group,
+    ablate_layer,
+    attn_vs_mlp,
+    attribution,
+    contraction,
+    gain,
+    heads,
+    kv_patch,
+    load,
+    patch,
+    robustness,
+    saliency,
+    subspace,
+    temporal,
+    validate,
+    verify,
+)
 
-__all__ = ["Result", "ablate", "contraction", "gain", "load", "validate", "verify"]
+__all__ = [
+    "Result",
+    "ablate",
+    "ablate_group",
+    "ablate_layer",
+    "attn_vs_mlp",
+    "attribution",
+    "contraction",
+    "gain",
+    "heads",
+    "kv_patch",
+    "load",
+    "patch",
+    "robustness",
+    "saliency",
+    "subspace",
+    "temporal",
+    "validate",
+    "verify",
+]
