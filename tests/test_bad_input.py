@@ -197,7 +197,7 @@ NO_OPTION = {  # commands without the option
         "saliency", "attribution", "temporal", "kv-patch", "verify", "gain",
     },
 }  # fmt: skip
-KNOWN_BAD = {("subspace", "point")}  # subspace.py checks its point inside the run (reported)
+KNOWN_BAD: set[tuple[str, str]] = set()  # cases still checked inside the run (none)
 CASES = [
     pytest.param(
         name,

@@ -25,11 +25,17 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from rloop import models
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, RunStoreError
 from rloop.experiments.runner import execute, record_model_and_prompts, run_units
-from rloop.experiments.settings import RVSettings, check_settings, load_prompt_set
+from rloop.experiments.settings import (
+    RVSettings,
+    check_context,
+    check_settings,
+    load,
+    load_prompt_set,
+    verify_if_asked,
+)
 from rloop.interventions.edits import (
     ABLATION_MODES,
     HeadList,
@@ -271,18 +277,17 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
         reference = load_prompt_set(config.prompts, config.bank_version, [config.reference_group])
         if RESAMPLE in modes:
             resample_draws(len(reference), config.n_resample, config.seed)
-    if lm is None:
-        lm = models.load_model(
-            config.model, revision=config.revision, device=config.device, dtype=config.dtype
-        )
+    lm = load(config, lm, verify=False)
     adapter = lm.adapter
     early, late, rule = resolve_layers(adapter, config.measure_layers)
     layers = config.layers if config.layers is not None else list(range(adapter.n_layers))
     for layer in layers:
         adapter.check_layer(layer)
     check_window(used, lm.tokenizer, config.window)
+    check_context(used, lm)
     if reference is not None:
         check_window(reference, lm.tokenizer, config.window)
+    verify_if_asked(config, lm, used)
 
     def body(run) -> dict:
         record_model_and_prompts(run, lm, used)

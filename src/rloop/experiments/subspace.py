@@ -33,7 +33,7 @@ import torch
 
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.runner import execute, prompt_batches, record_inputs
-from rloop.experiments.settings import Settings, layer_list, prepare
+from rloop.experiments.settings import Settings, check_point_name, layer_list, prepare
 from rloop.interventions.engine import measure_pr
 from rloop.metrics.subspace import (
     bootstrap_principal_angles,
@@ -69,6 +69,7 @@ class SubspaceConfig(Settings):
 
 
 def _check(config: SubspaceConfig) -> None:
+    check_point_name(config.point)
     if config.k < 1:
         raise ConfigError(f"--k must be at least 1, got {config.k}")
     if config.recursive_group == config.baseline_group:
