@@ -4,7 +4,7 @@ It removes a layer's attention-block output (``attn_out``) or MLP output
 (``mlp_out``) for every token -- zero, or the mean over a named reference set -- and reports
 R_V clean vs ablated per prompt. Components at layers >= the late layer cannot change V at the
 late layer (V is computed from the block's input): they are reported as exactly 0 change and
-not computed.
+not computed. Each (layer, component) is a resume checkpoint.
 
 """
 
@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 
 from rloop.errors import ConfigError
-from rloop.experiments.runner import encode_prompts, execute, record_inputs
+from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_units
 from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
 from rloop.interventions.edits import check_ablation_mode, layer_ablation_edits
 from rloop.interventions.engine import measure_r_v
 from rloop.metrics.stats import paired_change
-from rloop.progress import progress_bar
 from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
@@ -85,48 +84,18 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
             lm.model, lm.adapter, batch, early, late, config.window, config.pr_mode
         )
         prompts = list(prepared.prompts)
-        rows, summary_rows = [], []
         todo = [(layer, c) for layer in layers for c in components]
-        with progress_bar("ablating layers", total=len(todo)) as advance:
-            for layer, component in todo:
-                point = COMPONENT_POINTS[component]
-                computed = layer < late
-                if computed:
-                    means = reference_means(lm, reference, [layer], point)
-                    mean = None if means is None else means[layer]
-                    ablated = layer_ablation_r_v(
-                        lm, batch, layer, point, early, late, config.window, config.pr_mode, mean
-                    )
-                else:  # causality: V at the late layer is computed before this component
-                    ablated = clean.copy()
-                for p, prompt in enumerate(prompts):
-                    rows.append(
-                        {
-                            "prompt_id": prompt.id,
-                            "group": prompt.group,
-                            "layer": layer,
-                            "component": component,
-                            "mode": config.mode,
-                            "r_v_clean": clean[p],
-                            "r_v_ablated": ablated[p],
-                            "change": ablated[p] - clean[p],
-                            "computed": computed,
-                        }
-                    )
-                summary_rows.append(
-                    {
-                        "layer": layer,
-                        "component": component,
-                        "mode": config.mode,
-                        **paired_change(clean, ablated, config.n_boot, config.seed),
-                        "computed": computed,
-                    }
-                )
-                advance(1)
+
+        def ablate_unit(unit: tuple[int, str]) -> pd.DataFrame:
+            return _unit_rows(lm, batch, prompts, clean, unit, reference, config, (early, late))
+
+        results = run_units(
+            run, todo, ablate_unit, key=lambda u: f"layer-{u[0]:04d}-{u[1]}",
+            label="ablating layers",
+        )  # fmt: skip
+        summary = _layer_summary(results, config)
         seconds = time.perf_counter() - started
-        results = pd.DataFrame(rows)
         results["layer_early"], results["layer_late"] = early, late
-        summary = pd.DataFrame(summary_rows)
         run.write_table("results", results)
         run.write_table("summary", summary)
         _plot_layer_ablation(summary, run.plot_path("layer_ablation"), config, early, late)
@@ -148,6 +117,62 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
 
     outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
     return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def _layer_summary(results: pd.DataFrame, config: LayerAblationConfig) -> pd.DataFrame:
+    """Per (layer, component), in the order of ``results``: the paired change over prompts."""
+    rows = []
+    for (layer, component), frame in results.groupby(["layer", "component"], sort=False):
+        change = paired_change(
+            frame["r_v_clean"].to_numpy(), frame["r_v_ablated"].to_numpy(), config.n_boot,
+            config.seed,
+        )  # fmt: skip
+        rows.append(
+            {
+                "layer": layer,
+                "component": component,
+                "mode": config.mode,
+                **change,
+                "computed": bool(frame["computed"].iloc[0]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _unit_rows(
+    lm, batch, prompts: list, clean: np.ndarray, unit: tuple[int, str], reference,
+    config: LayerAblationConfig, measured: tuple[int, int],
+) -> pd.DataFrame:  # fmt: skip
+    """One unit (layer, component) of the layer ablation: per prompt R_V clean (P,) and with
+    the component at the layer ablated (the clean value, not computed, at layers >= late)."""
+    layer, component = unit
+    early, late = measured
+    point = COMPONENT_POINTS[component]
+    computed = layer < late
+    if computed:
+        means = reference_means(lm, reference, [layer], point)
+        mean = None if means is None else means[layer]
+        ablated = layer_ablation_r_v(
+            lm, batch, layer, point, early, late, config.window, config.pr_mode, mean
+        )
+    else:  # causality: V at the late layer is computed before this component
+        ablated = clean.copy()
+    return pd.DataFrame(
+        [
+            {
+                "prompt_id": prompt.id,
+                "group": prompt.group,
+                "layer": layer,
+                "component": component,
+                "mode": config.mode,
+                "r_v_clean": clean[p],
+                "r_v_ablated": ablated[p],
+                "change": ablated[p] - clean[p],
+                "computed": computed,
+            }
+            for p, prompt in enumerate(prompts)
+        ]
+    )
 
 
 def _plot_layer_ablation(summary, path, config, early, late) -> None:

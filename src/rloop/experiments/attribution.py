@@ -1,6 +1,7 @@
 """Attribution patching (``rloop attribution``): every head's ablation effect on R_V estimated
 linearly from one gradient pass, optionally compared with the exact sweep of a finished
-``rloop ablate`` run (Spearman with CI, agreement of the top heads).
+``rloop ablate`` run (Spearman with CI, agreement of the top heads). Resume checkpoints: each
+gradient batch, and every ``LAYERS_PER_UNIT`` layers of the exact sweep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pandas as pd
 
 from rloop.errors import ConfigError
 from rloop.experiments.ablate import read_sweep, sweep_table
-from rloop.experiments.runner import encode_prompts, execute, record_inputs
+from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_units
 from rloop.experiments.saliency import gradient_tables, per_head_rows, plot_head_heatmap
 from rloop.experiments.settings import (
     RVSettings,
@@ -25,11 +26,12 @@ from rloop.experiments.settings import (
 from rloop.interventions.edits import check_ablation_mode
 from rloop.interventions.head_sweep import head_sweep
 from rloop.metrics.stats import correlation_with_ci
-from rloop.progress import progress_bar
 from rloop.runs.markdown import markdown_table, summary_head
 from rloop.runs.plots import _save, plt
 
 EXPERIMENT = "attribution"
+# Layers of the exact sweep per resume checkpoint (each unit repeats one clean forward).
+LAYERS_PER_UNIT = 4
 
 
 @dataclass
@@ -83,10 +85,11 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
             config.pr_mode,
             config.batch_size,
             mean_z,
+            run=run,
         )
         gradient_s = time.perf_counter() - started
         if sweep is None:
-            exact, exact_s = _exact_sweep(lm, prompts, layers, early, late, config, mean_z)
+            exact, exact_s = _exact_sweep(lm, prompts, layers, (early, late), config, mean_z, run)
         else:
             exact, exact_s = sweep[0], float(sweep[2].get("timings", {}).get("sweep_s", np.nan))
         results = per_head_rows({"attribution": att}, prompts, layers, lm.adapter.n_heads, late)
@@ -128,25 +131,27 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 
-def _exact_sweep(lm, prompts, layers, early, late, config, mean_z) -> tuple[pd.DataFrame, float]:
-    """The exact sweep's per-prompt table on the same prompts, and its seconds."""
+def _exact_sweep(
+    lm, prompts, layers: list[int], measured: tuple[int, int], config, mean_z, run=None
+) -> tuple[pd.DataFrame, float]:
+    """The exact sweep's per-prompt table on the same prompts, and its seconds; every
+    ``LAYERS_PER_UNIT`` layers are one unit (a resume checkpoint when ``run`` is given)."""
+    early, late = measured
     started = time.perf_counter()
     batch = encode_prompts(lm, prompts)
-    with progress_bar("exact sweep", total=1) as advance:
+    chunks = [layers[i : i + LAYERS_PER_UNIT] for i in range(0, len(layers), LAYERS_PER_UNIT)]
+
+    def sweep_chunk(chunk: list[int]) -> pd.DataFrame:
         result = head_sweep(
-            lm.model,
-            lm.adapter,
-            batch,
-            layers,
-            early,
-            late,
-            config.window,
-            modes=[config.pr_mode],
-            mean_z=mean_z,
-            max_rows=config.max_rows,
-        )
-        advance(1)
-    exact = sweep_table(result, [p.id for p in prompts], config.mode, "query", config.pr_mode)
+            lm.model, lm.adapter, batch, chunk, early, late, config.window,
+            modes=[config.pr_mode], mean_z=mean_z, max_rows=config.max_rows,
+        )  # fmt: skip
+        return sweep_table(result, [p.id for p in prompts], config.mode, "query", config.pr_mode)
+
+    exact = run_units(
+        run, chunks, sweep_chunk, key=lambda c: f"exact-layers-{c[0]:04d}-{c[-1]:04d}",
+        label="exact sweep", weight=len,
+    )  # fmt: skip
     return exact, time.perf_counter() - started
 
 

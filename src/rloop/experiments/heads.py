@@ -13,7 +13,10 @@ tokens, as query rows):
   attention implementation (switched on for the measurement and restored afterwards).
 
 Recursive vs baseline per head and quantity: means, difference, Hedges' g with bootstrap CI,
-Welch p, and Benjamini-Hochberg adjustment over heads.
+Welch p, and Benjamini-Hochberg adjustment over heads. The headline ranks as the summary's
+tables do: the loudest head by mean output norm, and by per-head PR of z the most
+differential head and the number of heads with BH-adjusted p < 0.05. Each prompt batch is a
+resume checkpoint.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ import pandas as pd
 import torch
 
 from rloop.capture.attention import eager_attention
-from rloop.capture.batching import encode, gather_windows, plan_batches, token_counts
+from rloop.capture.batching import EncodedBatch, encode, gather_windows, plan_batches, token_counts
 from rloop.capture.trace import Trace, address
 from rloop.errors import UnsupportedArchitectureError
-from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.attn_vs_mlp import in_prompt_order
+from rloop.experiments.runner import PromptBatch, execute, prompt_batches, record_inputs, run_units
 from rloop.experiments.settings import RVSettings, prepare_contrast
 from rloop.metrics import participation_ratio
 from rloop.metrics.stats import benjamini_hochberg, effect_size_ci, welch_t
-from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
 from rloop.runs.markdown import markdown_table, summary_head
 
@@ -86,67 +89,82 @@ def attention_window_stats(
     return self_score, entropy
 
 
+def _weight_keeper(attention: dict, layer: int):
+    """A forward hook on layer ``layer``'s attention module that keeps its weights
+    (B, H, T, T) in ``attention[layer]``."""
+
+    def hook(module, args, output):
+        if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+            raise UnsupportedArchitectureError(
+                f"layer {layer}'s attention returned no weights: this family does not "
+                "expose eager attention weights"
+            )
+        attention[layer] = output[1].detach()  # (B, H, T, T)
+
+    return hook
+
+
+def measure_heads_batch(
+    lm, batch: EncodedBatch, layers: list[int], window: int
+) -> dict[str, np.ndarray]:
+    """Per-head quantities of one batch: name -> (B, n_layers, n_heads) float64 numpy, from
+    one forward with eager attention. pr_v has n_kv_heads columns (padded with NaN)."""
+    adapter, model = lm.adapter, lm.model
+    n_kv = adapter.n_kv_heads
+    out = {
+        q: np.full((len(batch.n_tokens), len(layers), adapter.n_heads), np.nan) for q in QUANTITIES
+    }
+    points = [address(layer, p) for layer in layers for p in ("v", "z")]
+    attention: dict[int, torch.Tensor] = {}
+    with eager_attention(model):
+        handles = [
+            adapter.module_for(model, layer, "attn_out").register_forward_hook(
+                _weight_keeper(attention, layer)
+            )
+            for layer in layers
+        ]
+        try:
+            with (
+                torch.no_grad(),
+                Trace(model, adapter, capture=points, stop_after_layer=max(layers)) as tr,
+            ):
+                model(**batch.model_inputs(), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+    for j, layer in enumerate(layers):
+        z = gather_windows(tr[address(layer, "z")], batch.n_tokens, window)  # (B, W, H, D)
+        v = gather_windows(tr[address(layer, "v")], batch.n_tokens, window)  # (B, W, Hkv, D)
+        o_proj = adapter.module_for(model, layer, "z")
+        with torch.no_grad():
+            contrib = head_contributions(o_proj, z)  # (B, W, H, d_model)
+        norm = contrib.to(torch.float64).norm(dim=-1).mean(dim=1)  # (B, H)
+        out["output_norm"][:, j] = norm.cpu().numpy()
+        out["pr_z"][:, j] = participation_ratio(z.transpose(1, 2)).cpu().numpy()  # (B, H)
+        out["pr_v"][:, j, :n_kv] = participation_ratio(v.transpose(1, 2)).cpu().numpy()
+        self_score, entropy = attention_window_stats(
+            attention[layer], batch.n_tokens, window
+        )  # (B, H) each
+        out["self_score"][:, j] = self_score.cpu().numpy()
+        out["entropy"][:, j] = entropy.cpu().numpy()
+    return out
+
+
 def measure_heads(
     lm, texts: list[str], layers: list[int], window: int, batch_size: int = 8
 ) -> dict[str, np.ndarray]:
-    """Per-head quantities: name -> (P, n_layers, n_heads) float64 numpy.
+    """Per-head quantities: name -> (P, n_layers, n_heads) float64 numpy, one forward per
+    batch of similar-length texts (:func:`measure_heads_batch`).
 
     pr_v has n_kv_heads columns (padded with NaN to n_heads); the others n_heads.
     """
-    adapter, model = lm.adapter, lm.model
-    n_heads, n_kv = adapter.n_heads, adapter.n_kv_heads
     lengths = token_counts(lm.tokenizer, texts)
+    n_heads = lm.adapter.n_heads
     out = {q: np.full((len(texts), len(layers), n_heads), np.nan) for q in QUANTITIES}
-    points = [address(layer, p) for layer in layers for p in ("v", "z")]
-    attention = {}
-
-    def keep_weights(layer):
-        def hook(module, args, output):
-            if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-                raise UnsupportedArchitectureError(
-                    f"layer {layer}'s attention returned no weights: this family does not "
-                    "expose eager attention weights"
-                )
-            attention[layer] = output[1].detach()  # (B, H, T, T)
-
-        return hook
-
-    with eager_attention(model):
-        for indices in plan_batches(lengths, batch_size):
-            batch = encode(lm.tokenizer, [texts[i] for i in indices], lm.device)
-            handles = [
-                adapter.module_for(model, layer, "attn_out").register_forward_hook(
-                    keep_weights(layer)
-                )
-                for layer in layers
-            ]
-            try:
-                with (
-                    torch.no_grad(),
-                    Trace(model, adapter, capture=points, stop_after_layer=max(layers)) as tr,
-                ):
-                    model(**batch.model_inputs(), use_cache=False)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for j, layer in enumerate(layers):
-                z = gather_windows(tr[address(layer, "z")], batch.n_tokens, window)  # (B,W,H,D)
-                v = gather_windows(tr[address(layer, "v")], batch.n_tokens, window)  # (B,W,Hkv,D)
-                o_proj = adapter.module_for(model, layer, "z")
-                with torch.no_grad():
-                    contrib = head_contributions(o_proj, z)  # (B, W, H, d_model)
-                norm = contrib.to(torch.float64).norm(dim=-1).mean(dim=1)  # (B, H)
-                out["output_norm"][indices, j] = norm.cpu().numpy()
-                out["pr_z"][indices, j] = participation_ratio(z.transpose(1, 2)).cpu().numpy()
-                out["pr_v"][indices, j, :n_kv] = (
-                    participation_ratio(v.transpose(1, 2)).cpu().numpy()
-                )
-                self_score, entropy = attention_window_stats(
-                    attention[layer], batch.n_tokens, window
-                )  # (B, H) each
-                out["self_score"][indices, j] = self_score.cpu().numpy()
-                out["entropy"][indices, j] = entropy.cpu().numpy()
-            attention.clear()
+    for indices in plan_batches(lengths, batch_size):
+        batch = encode(lm.tokenizer, [texts[i] for i in indices], lm.device)
+        for q, values in measure_heads_batch(lm, batch, layers, window).items():
+            out[q][indices] = values  # (B, n_layers, n_heads)
     return out
 
 
@@ -159,28 +177,54 @@ def run_head_diagnostics(config: HeadDiagnosticsConfig, out=None, force: bool = 
         record_inputs(run, prepared, diagnostic_layers=layers)
         started = time.perf_counter()
         prompts = list(prepared.prompts)
-        with progress_bar("head diagnostics", total=1) as advance:
-            values = measure_heads(
-                lm, [p.text for p in prompts], layers, config.window, config.batch_size
-            )
-            advance(1)
+
+        def measure_batch(batch: PromptBatch) -> pd.DataFrame:
+            values = measure_heads_batch(lm, batch.encode(lm), layers, config.window)
+            return _results_table(values, batch.prompts, layers, lm.adapter)
+
+        results = run_units(
+            run, prompt_batches(lm, prompts, config.batch_size), measure_batch,
+            key=lambda b: b.key, label="head diagnostics", weight=lambda b: len(b.prompts),
+        )  # fmt: skip
+        results = in_prompt_order(results, prompts)
         seconds = time.perf_counter() - started
-        results = _results_table(values, prompts, layers, lm.adapter)
         heads = _head_table(results, config)
         run.write_table("results", results)
         run.write_table("heads", heads)
         _plots(heads, run.plot_path, config, layers, lm.adapter.n_heads)
         run.write_summary(_markdown(heads, config, prepared, seconds))
         run.update_manifest(timings={"measure_s": seconds})
-        loudest = heads.sort_values("output_norm_mean", ascending=False).iloc[0]
-        return {
-            "loudest_head": f"L{int(loudest['layer'])}H{int(loudest['head'])}",
-            "loudest_norm": float(loudest["output_norm_mean"]),
-            "n_differential_bh05": int((heads.filter(like="_p_bh") < 0.05).any(axis=1).sum()),
-        }
+        return heads_headline(heads)
 
     outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
     return outcome.run_dir, outcome.already_complete, outcome.headline
+
+
+def loudest_order(heads: pd.DataFrame) -> pd.DataFrame:
+    """Heads by mean output norm, loudest first (the summary's "Loudest heads" table)."""
+    return heads.sort_values("output_norm_mean", ascending=False)
+
+
+def differential_order(heads: pd.DataFrame) -> pd.DataFrame:
+    """Heads by |Hedges' g| of per-head PR(z), recursive vs baseline, largest first (the
+    summary's "Most differential heads" table)."""
+    return heads.assign(key=-heads["pr_z_hedges_g"].abs()).sort_values("key").drop(columns="key")
+
+
+def heads_headline(heads: pd.DataFrame) -> dict:
+    """The loudest head, and by the measure the differential table ranks by (per-head PR of
+    z): the most differential head and the heads with BH-adjusted p < 0.05."""
+    loudest = loudest_order(heads).iloc[0]
+    headline = {
+        "loudest_head": f"L{int(loudest['layer'])}H{int(loudest['head'])}",
+        "loudest_norm": float(loudest["output_norm_mean"]),
+    }
+    if "pr_z_hedges_g" in heads:
+        top = differential_order(heads).iloc[0]
+        headline["most_differential_head"] = f"L{int(top['layer'])}H{int(top['head'])}"
+        headline["most_differential_pr_z_hedges_g"] = float(top["pr_z_hedges_g"])
+        headline["n_differential_pr_z_bh05"] = int((heads["pr_z_p_bh"] < 0.05).sum())
+    return headline
 
 
 def _results_table(values, prompts, layers, adapter) -> pd.DataFrame:
@@ -329,11 +373,7 @@ def _markdown(heads, config, prepared, seconds) -> str:
         "self_score_mean",
         "entropy_mean",
     ]
-    lines.append(
-        markdown_table(
-            heads.sort_values("output_norm_mean", ascending=False)[cols].head(config.top_k)
-        )
-    )
+    lines.append(markdown_table(loudest_order(heads)[cols].head(config.top_k)))
     if "pr_z_hedges_g" in heads:
         lines += [
             "",
@@ -353,8 +393,7 @@ def _markdown(heads, config, prepared, seconds) -> str:
             "self_score_diff",
             "entropy_diff",
         ]
-        order = heads.assign(key=-heads["pr_z_hedges_g"].abs()).sort_values("key")
-        lines.append(markdown_table(order[cols].head(config.top_k)))
+        lines.append(markdown_table(differential_order(heads)[cols].head(config.top_k)))
     lines += [
         "",
         "Files: `results.*` (per prompt x layer x head), `heads.*` (per head: means, ranks, "

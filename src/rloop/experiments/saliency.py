@@ -4,7 +4,7 @@ Saliency: ||dR_V / dz[l, h]|| (the per-head attention result, over the prompt's 
 for every head at every layer, layer 0 included, per prompt; R_V through the differentiable
 participation ratio in float64 on the same windows as the exact measurement. Heads at layers
 >= the late layer cannot change V there: exactly 0 (not computed). Engine:
-:func:`rloop.interventions.gradients.head_gradients`.
+:func:`rloop.interventions.gradients.head_gradients`; each prompt batch is a resume checkpoint.
 
 Attribution patching: the linear estimate of each head's ablation effect on R_V,
 sum(dR_V/dz * (z_ablated - z)), for every head from the same forward and backward, and its
@@ -23,10 +23,9 @@ import pandas as pd
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
-from rloop.experiments.runner import execute, record_inputs
+from rloop.experiments.runner import execute, record_inputs, run_units
 from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.interventions.gradients import head_gradients
-from rloop.progress import progress_bar
 from rloop.runs import plots as plotting
 from rloop.runs.markdown import markdown_table, summary_head
 
@@ -40,21 +39,41 @@ class SaliencyConfig(RVSettings):
     top_k: int = 10
 
 
-def gradient_tables(lm, prompts, layers, early, late, window, pr_mode, batch_size, mean_z=None):
-    """Run head_gradients over prompt batches -> (r_v (P,), saliency, attribution (L, H, P))."""
+def gradient_tables(
+    lm, prompts, layers, early, late, window, pr_mode, batch_size, mean_z=None, run=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run head_gradients over batches of ``batch_size`` consecutive prompts -> (r_v (P,),
+    saliency, attribution (L, H, P)). With ``run`` each batch is a resume checkpoint."""
     texts = [p.text for p in prompts]
-    r_vs, sal, att = [], [], []
-    with progress_bar("gradients", total=len(texts)) as advance:
-        for start in range(0, len(texts), batch_size):
-            batch = encode(lm.tokenizer, texts[start : start + batch_size], lm.device)
-            grads = head_gradients(
-                lm.model, lm.adapter, batch, layers, early, late, window, pr_mode, mean_z
-            )
-            r_vs.append(grads.r_v.numpy())
-            sal.append(grads.saliency.numpy())
-            att.append(grads.attribution.numpy())
-            advance(len(batch.n_tokens))
-    return np.concatenate(r_vs), np.concatenate(sal, axis=2), np.concatenate(att, axis=2)
+    ids = [p.id for p in prompts]
+    n_heads = lm.adapter.n_heads
+
+    def batch_rows(start: int) -> pd.DataFrame:
+        batch = encode(lm.tokenizer, texts[start : start + batch_size], lm.device)
+        grads = head_gradients(
+            lm.model, lm.adapter, batch, layers, early, late, window, pr_mode, mean_z
+        )
+        n = len(batch.n_tokens)
+        return pd.DataFrame(
+            {
+                "prompt_id": np.repeat(ids[start : start + n], len(layers) * n_heads),
+                "r_v": np.repeat(grads.r_v.numpy(), len(layers) * n_heads),  # (B * L * H,)
+                # (L, H, B) -> (B, L, H): rows prompt-major, then layer, then head
+                "saliency": grads.saliency.numpy().transpose(2, 0, 1).ravel(),
+                "attribution": grads.attribution.numpy().transpose(2, 0, 1).ravel(),
+            }
+        )
+
+    rows = run_units(
+        run, list(range(0, len(texts), batch_size)), batch_rows,
+        key=lambda start: f"gradients-{start:05d}", label="gradients",
+        weight=lambda start: len(texts[start : start + batch_size]),
+    )  # fmt: skip
+    shape = (len(texts), len(layers), n_heads)  # (P, L, H)
+    r_v = rows["r_v"].to_numpy().reshape(shape)[:, 0, 0]  # (P,)
+    saliency = rows["saliency"].to_numpy().reshape(shape).transpose(1, 2, 0)  # (L, H, P)
+    attribution = rows["attribution"].to_numpy().reshape(shape).transpose(1, 2, 0)
+    return r_v, saliency, attribution
 
 
 def per_head_rows(values: dict[str, np.ndarray], prompts, layers, n_heads, late) -> pd.DataFrame:
@@ -90,8 +109,9 @@ def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None)
         started = time.perf_counter()
         prompts = list(prepared.prompts)
         rv, sal, _ = gradient_tables(
-            lm, prompts, layers, early, late, config.window, config.pr_mode, config.batch_size
-        )
+            lm, prompts, layers, early, late, config.window, config.pr_mode, config.batch_size,
+            run=run,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         results = per_head_rows({"saliency": sal}, prompts, layers, lm.adapter.n_heads, late)
         heads = (

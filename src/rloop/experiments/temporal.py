@@ -4,7 +4,8 @@ For every prompt: generate N tokens capturing V at the early and late layer at e
 then R_V at step 0 (end of encoding: the last W prompt tokens) and after every step s
 (scope "prompt+generated": the last W tokens of prompt + first s generated tokens; scope
 "generated": the last W of the first s generated tokens, once s >= W). Per group: mean curve
-with standard error, and a plot.
+with standard error, and a plot. Each generation chunk (``batch_size`` prompts, sampling
+seeded per chunk) is a resume checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 
 from rloop.capture.generation import generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
-from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
 from rloop.experiments.settings import (
     GenerationSettings,
     check_context,
@@ -45,43 +46,56 @@ class TemporalConfig(GenerationSettings):
     batch_size: int = 24
 
 
-def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: int):
-    """(per_step, curves): per prompt x step x scope R_V, and per group x step x scope mean."""
+def chunk_profile(lm, prompts: list, rows: list, config: TemporalConfig, early: int, late: int):
+    """Per prompt x step x scope R_V of one generation chunk (``prompts`` and their token
+    ``rows``), in the order step, scope, prompt. Sampling is seeded per chunk (the seed of
+    :func:`rloop.capture.generation.generate`), so a chunk's tokens do not depend on the
+    chunks generated before it."""
+    points = [address(early, "v"), address(late, "v")]
+    result = generate(
+        lm.model, lm.adapter, rows, config.sampling(), points, pad_id_of(lm.tokenizer)
+    )
+    records = []
+    for step in range(result.new_tokens.shape[1] + 1):
+        scopes = [(SCOPE_ALL, [result.prompt_window(a, config.window, step) for a in points])]
+        if step >= config.window:
+            scopes.append(
+                (SCOPE_GENERATED, [result.generated_window(a, config.window, step) for a in points])
+            )
+        for scope, (win_early, win_late) in scopes:
+            value = r_v(window_pr(win_late, config.pr_mode), window_pr(win_early, config.pr_mode))
+            for i, p in enumerate(prompts):
+                records.append(
+                    {
+                        "prompt_id": p.id,
+                        "group": p.group,
+                        "step": step,
+                        "scope": scope,
+                        "r_v": float(value[i]),
+                    }
+                )
+    return pd.DataFrame(records)
+
+
+def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: int, run=None):
+    """(per_step, curves): per prompt x step x scope R_V, and per group x step x scope mean.
+
+    Prompts are generated ``batch_size`` at a time; with ``run`` each chunk is a resume
+    checkpoint."""
     prompts = list(prompt_set)
     rows = tokenize_rows(lm.tokenizer, [p.text for p in prompts])
-    points = [address(early, "v"), address(late, "v")]
-    records = []
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = rows[start : start + config.batch_size]
-        result = generate(
-            lm.model, lm.adapter, chunk, config.sampling(), points, pad_id_of(lm.tokenizer)
+    size = config.batch_size
+
+    def chunk_rows(start: int) -> pd.DataFrame:
+        return chunk_profile(
+            lm, prompts[start : start + size], rows[start : start + size], config, early, late
         )
-        n_new = result.new_tokens.shape[1]
-        for step in range(n_new + 1):
-            scopes = [(SCOPE_ALL, [result.prompt_window(a, config.window, step) for a in points])]
-            if step >= config.window:
-                scopes.append(
-                    (
-                        SCOPE_GENERATED,
-                        [result.generated_window(a, config.window, step) for a in points],
-                    )
-                )
-            for scope, (win_early, win_late) in scopes:
-                value = r_v(
-                    window_pr(win_late, config.pr_mode), window_pr(win_early, config.pr_mode)
-                )
-                for i in range(len(chunk)):
-                    p = prompts[start + i]
-                    records.append(
-                        {
-                            "prompt_id": p.id,
-                            "group": p.group,
-                            "step": step,
-                            "scope": scope,
-                            "r_v": float(value[i]),
-                        }
-                    )
-    per_step = pd.DataFrame(records)
+
+    per_step = run_units(
+        run, list(range(0, len(prompts), size)), chunk_rows,
+        key=lambda start: f"prompts-{start:05d}", label="generating",
+        weight=lambda start: len(prompts[start : start + size]),
+    )  # fmt: skip
     curves = (
         per_step.groupby(["group", "scope", "step"])["r_v"]
         .agg(n="count", mean="mean", sd="std", sem="sem")
@@ -91,17 +105,27 @@ def temporal_profile(lm, prompt_set, config: TemporalConfig, early: int, late: i
 
 
 def plot_curves(curves: pd.DataFrame, path):
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, scope in zip(axes, (SCOPE_ALL, SCOPE_GENERATED), strict=True):
+    """R_V by generation step per group, one panel per window scope that has values. With
+    fewer than W generated tokens there is no generated-only window: that panel is left out
+    and the title says why."""
+    scopes = [s for s in (SCOPE_ALL, SCOPE_GENERATED) if (curves.scope == s).any()]
+    scopes = scopes or [SCOPE_ALL]
+    fig, axes = plt.subplots(
+        1, len(scopes), figsize=(5.5 * len(scopes) + 0.5, 4), sharey=True, squeeze=False
+    )
+    for ax, scope in zip(axes[0], scopes, strict=True):
         frame = curves[curves.scope == scope]
         for group, g in frame.groupby("group"):
-            ax.plot(g["step"], g["mean"], label=group)
-            ax.fill_between(g["step"], g["mean"] - g["sem"], g["mean"] + g["sem"], alpha=0.2)
-        ax.set_title(f"R_V over the last W tokens ({scope})")
+            (line,) = ax.plot(g["step"], g["mean"], label=group)
+            ax.fill_between(g["step"], g["mean"] - g["sem"], g["mean"] + g["sem"], alpha=0.2,
+                            color=line.get_color())  # fmt: skip
+        title = f"R_V over the last W tokens ({scope})"
+        if SCOPE_GENERATED not in scopes:
+            title += "\nno generated-only window: fewer than W tokens generated"
+        ax.set_title(title)
         ax.set_xlabel("generation step (0 = end of encoding)")
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("R_V (mean +- s.e.)")
+    axes[0][0].set_ylabel("R_V (mean +- s.e.)")
     return _save(fig, path)
 
 
@@ -123,7 +147,7 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
     def body(run) -> dict:
         run.set_model(model_manifest(lm))
         run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
-        per_step, curves = temporal_profile(lm, prompt_set, config, early, late)
+        per_step, curves = temporal_profile(lm, prompt_set, config, early, late, run=run)
         run.write_table("per_step", per_step)
         run.write_table("curves", curves)
         plot_curves(curves, run.plot_path("temporal_r_v"))
