@@ -100,12 +100,16 @@ run temporal temporal "${common[@]}" --layers 1,6 --window 8 --max-new-tokens 16
 run kv-patch kv-patch "${common[@]}" --layers 1,6 --window 8 --n-pairs 3 --max-new-tokens 16 --ranges '4-7;6'
 run gain gain "${common[@]}"
 run validate validate "${common[@]}" --n-pairs 3 --max-new-tokens 16
-# Commands added since (skipped cleanly until they exist; see run_new).
-run_new verify verify --layers 1,6
-run_new robustness robustness
-run_new subspace subspace
-run_new steer steer
-run_new sae sae
+run ablate-modes ablate "${common[@]}" --measure-layers 1,6 --window 8 --max-prompts 4 --mode zero,mean,resample --n-resample 2
+run ablate-compiled ablate "${common[@]}" --measure-layers 1,6 --window 8 --max-prompts 4 --compile
+run verify verify "${common[@]}" --layers 1,6
+run robustness robustness "${common[@]}" --max-prompts 6 --early-layers 1-2 --late-layers 5-6 --windows 8,12 --n-perm 200
+run subspace subspace "${common[@]}" --layer 6 --window 8
+run steer steer "${common[@]}" --layer 4 --layers 1,6 --window 8 --max-prompts 3 --alphas 0,2 --n-random 1 --max-new-tokens 16
+run sae-train sae train "${common[@]}" --layer 4 --steps 200 --d-sae 256
+run sae-features sae features "${common[@]}" --sae "$runs/sae-train/sae" --layer 4 --window 8 --max-prompts 6
+# Commands added after this script (skipped cleanly until they exist; see run_new).
+run_new contraction-nulls contraction --layers 1,6 --null random-init:2,token-shuffle:1
 # report: reads finished runs (its --out only if it has one).
 if [[ -n ${ONLY:-} && " $ONLY " != *" report "* ]]; then
   :

@@ -252,6 +252,9 @@ def test_every_experiment_option_reaches_its_config(tmp_path, calls) -> None:
             ["ablate", "--mode", "zero,mean,resample", "--n-resample", "5"],
             {"mode": "zero,mean,resample", "n_resample": 5},
         ),
+        (["ablate", "--compile"], {"compile": True}),
+        (["ablate", "--no-compile"], {"compile": False}),
+        (["ablate"], {"compile": None}),
         (
             ["robustness", "--windows", "8,16", "--points", "v", "--early-layers", "1-3"],
             {"windows": [8, 16], "points": ["v"], "early_layers": [1, 2, 3], "twin_group": None},

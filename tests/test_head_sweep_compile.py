@@ -7,9 +7,12 @@ backend (same tracing, guards and recompilations, no C++ compile), which keeps t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch._dynamo
@@ -18,10 +21,12 @@ from torch._dynamo.utils import counters
 from rloop.adapters import adapter_for
 from rloop.capture.batching import EncodedBatch
 from rloop.errors import ConfigError
+from rloop.experiments.ablate import run_head_sweep
 from rloop.interventions import head_sweep as hs
 from rloop.interventions.edits import mean_activations
 from rloop.interventions.head_sweep import head_sweep, resolve_compile
-from tests.tiny_models import VOCAB, WordTokenizer, tiny_model
+from tests.test_ablation_experiment import _l5_config
+from tests.tiny_models import VOCAB, WordTokenizer, tiny_lm, tiny_model
 
 WINDOW = 4
 MODES = ("per-head", "whole")
@@ -183,5 +188,35 @@ def test_compile_setting_defaults_and_refusals(monkeypatch) -> None:
         result = head_sweep(model, adapter, batch, [0], 1, 2, WINDOW, compile=None)
         ref = head_sweep(model, adapter, batch, [0], 1, 2, WINDOW, compile=False)
         assert torch.equal(result.pr_late["per-head"], ref.pr_late["per-head"])
+    finally:
+        del block.forward
+
+
+def test_ablate_experiment_compiled_equals_eager_and_records_it(backend, tmp_path, monkeypatch):
+    """`rloop ablate --compile` (AblationConfig.compile): the same tables as the eager run to
+    float32 rounding, the same run identity (config hash), and the manifest says it compiled.
+    A model that cannot be compiled is refused before the run directory exists."""
+    backend("aot_eager")
+    monkeypatch.setenv("RLOOP_RUNS", str(tmp_path / "store"))
+    lm = tiny_lm("llama")
+    eager_config = _l5_config(tmp_path)
+    compiled_config = _l5_config(tmp_path, compile=True)
+    assert compiled_config.to_dict() == eager_config.to_dict()
+    eager_dir, _, _ = run_head_sweep(eager_config, out=tmp_path / "eager", lm=lm)
+    compiled_dir, _, _ = run_head_sweep(compiled_config, out=tmp_path / "compiled", lm=lm)
+    eager = pd.read_parquet(eager_dir / "results.parquet")
+    compiled = pd.read_parquet(compiled_dir / "results.parquet")
+    assert list(compiled.columns) == list(eager.columns) and len(compiled) == len(eager)
+    np.testing.assert_allclose(compiled["r_v_ablated"], eager["r_v_ablated"], rtol=1e-5)
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (eager_dir, compiled_dir)]
+    assert [m["compiled"] for m in manifests] == [False, True]
+    assert manifests[0]["config_hash"] == manifests[1]["config_hash"]
+
+    block = lm.adapter.blocks(lm.model)[0]
+    block.forward = block.forward  # what accelerate's dispatch hooks do
+    try:
+        with pytest.raises(ConfigError, match="--compile: .*block 0 has a replaced forward"):
+            run_head_sweep(compiled_config, out=tmp_path / "refused", lm=lm, force=True)
+        assert not (tmp_path / "refused").exists()
     finally:
         del block.forward

@@ -74,6 +74,15 @@ def ablate(
             "every layer, the LM head at one token; slower).",
         ),
     ] = False,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Run the sweep's blocks through torch.compile (equal to eager up to rounding; "
+            "default: off on every device until a GPU benchmark shows it faster). Not part "
+            "of the run's config; the manifest records it.",
+        ),
+    ] = None,
     inputs: CausalOptions,
     run: RunOptions,
 ) -> None:
@@ -97,7 +106,14 @@ def ablate(
     """
 
 
-@experiment(GroupAblationConfig, run_group_ablation)
+@experiment(
+    GroupAblationConfig,
+    run_group_ablation,
+    helps={
+        "mode": "zero | mean | resample, or several to compare, e.g. zero,mean,resample.",
+        "reference_group": "Reference prompts of mean and resample ablation.",
+    },
+)
 def ablate_group(
     *,
     heads: Heads = None,
@@ -109,6 +125,9 @@ def ablate_group(
     unit: Unit = "query",
     n_random: Annotated[int, typer.Option(help="Random same-layer head groups (control).")] = 20,
     ablation: AblationOptions,
+    n_resample: Annotated[
+        int, typer.Option(help="Resample: reference prompts drawn (seeded); R_V averaged.")
+    ] = 3,
     inputs: CausalOptions,
     run: RunOptions,
 ) -> None:
@@ -117,6 +136,8 @@ def ablate_group(
     Examples:
 
       rloop ablate-group --heads 15.4,16.2,17.24
+
+      rloop ablate-group --heads 15.4,16.2 --mode zero,mean,resample
 
       rloop ablate-group --from-sweep rloop-runs/ablate-smollm2-135m-ab12cd --top-k 10 \\
           --select negative --n-random 50

@@ -17,7 +17,7 @@ marked ``computed = False``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from rloop.interventions.edits import (
     mean_activations,
 )
 from rloop.interventions.engine import resolve_layers
-from rloop.interventions.head_sweep import head_sweep
+from rloop.interventions.head_sweep import compile_blocker, head_sweep, resolve_compile
 from rloop.metrics import r_v
 from rloop.metrics.stats import benjamini_hochberg, bootstrap_ci, correlation_with_ci
 from rloop.prompts import PromptSet, check_window
@@ -72,6 +72,15 @@ class AblationConfig(RVSettings):
     top_k: int = 10
     max_rows: int | None = None  # cap on stacked rows; None = memory budget
     kl: bool = False  # also last-token KL(clean || ablated), through the LM head
+    # Blocks through torch.compile (True / False; None = the device's default, off for now:
+    # rloop.interventions.head_sweep.resolve_compile). Equal to eager up to rounding, so not
+    # part of the run's identity: to_dict() leaves it out; the manifest records what ran.
+    compile: bool | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        values.pop("compile")
+        return values
 
 
 def sweep_modes(text: str) -> list[str]:
@@ -263,6 +272,22 @@ def _kl_summary(kl: np.ndarray, n_boot: int, seed: int) -> dict:
     return {"mean_kl": float(np.nanmean(kl)), "kl_ci_low": ci.low, "kl_ci_high": ci.high}
 
 
+def sweep_compiles(config: AblationConfig, lm) -> bool:
+    """Whether the sweep runs its blocks compiled (``config.compile``, else the device's
+    default). A ConfigError, before any compute, when --compile asks for what this model
+    cannot do; the default quietly stays eager then."""
+    if not resolve_compile(config.compile, lm.device):
+        return False
+    blocker = compile_blocker(lm.model, lm.adapter)
+    if blocker is None:
+        return True
+    if config.compile:
+        raise ConfigError(
+            f"--compile: the head sweep cannot be compiled: {blocker}; drop --compile"
+        )
+    return False
+
+
 def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=None):
     """``rloop ablate``: returns (run_dir, already_complete, headline)."""
 
@@ -288,9 +313,11 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
     if reference is not None:
         check_window(reference, lm.tokenizer, config.window)
     verify_if_asked(config, lm, used)
+    compiled = sweep_compiles(config, lm)
 
     def body(run) -> dict:
         record_model_and_prompts(run, lm, used)
+        run.update_manifest(compiled=compiled)
         started = time.perf_counter()
         swept = sorted(set(layers))
         fills = ablation_fills(lm, modes, reference, swept, config)
@@ -309,7 +336,7 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
                 result = head_sweep(
                     lm.model, adapter, batch, unit_layers, early, late, config.window,
                     modes=[config.pr_mode], unit=config.unit, mean_z=mean_z,
-                    max_rows=config.max_rows, kl=config.kl,
+                    max_rows=config.max_rows, kl=config.kl, compile=compiled,
                 )  # fmt: skip
                 ids = [p.id for p in prompts]
                 tables.append(sweep_table(result, ids, mode, config.unit, config.pr_mode))
