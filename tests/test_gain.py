@@ -5,6 +5,7 @@ with a failing model and resume."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pandas as pd
@@ -15,10 +16,12 @@ import torch
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, ModelLoadError
 from rloop.experiments.gain import GainConfig, h25_predictions, measure_gain, run_gain
+from rloop.experiments.verify import VerifyConfig, load_prompts
 from rloop.models.architecture import architecture_facts, facts_of_model
+from rloop.prompts import DEFAULT_BANK_VERSION, load_bank
 from tests.test_contraction import prompt_set
 from tests.test_sweeps import write_prompts
-from tests.tiny_models import FAMILIES, tiny_config, tiny_lm
+from tests.tiny_models import FAMILIES, VOCAB, tiny_config, tiny_lm
 
 
 @pytest.fixture(autouse=True)
@@ -154,3 +157,41 @@ def test_gain_rejects_duplicates_before_writing(tmp_path) -> None:
     with pytest.raises(ConfigError, match="more than once: llama"):
         run_gain(GainConfig(models=["llama", "gpt2", "llama"]), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+class _WordHashTokenizer:
+    """Each whitespace-separated word -> (sum of its bytes) % VOCAB (1.. VOCAB - 1): English
+    prompts of the shipped bank on the tiny models."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, **kwargs):
+        def encode(text):
+            return [1 + sum(w.encode()) % (VOCAB - 1) for w in text.split()]
+
+        if isinstance(texts, str):
+            return {"input_ids": encode(texts)}
+        return {"input_ids": [encode(t) for t in texts]}
+
+
+def test_gain_and_verify_default_to_bank_v2_and_v1_stays_loadable(tmp_path) -> None:
+    assert GainConfig().bank_version == DEFAULT_BANK_VERSION == "v2"
+    assert VerifyConfig().bank_version == "v2" and load_prompts(VerifyConfig()).version == "v2"
+    assert load_prompts(VerifyConfig(bank_version="v1")).version == "v1"
+
+    def loader(name, **kwargs):
+        lm = tiny_lm(name)
+        lm.tokenizer = _WordHashTokenizer()
+        return lm
+
+    for version, config in (
+        ("v2", GainConfig(models=["llama"], groups=["L1_twin"], n_boot=200)),  # v2 only
+        ("v1", GainConfig(models=["llama"], groups=["L1"], bank_version="v1", n_boot=200)),
+    ):
+        run_dir, _, _ = run_gain(config, out=tmp_path / version, loader=loader)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        bank = load_bank(version).select(config.groups)
+        assert manifest["prompts"]["version"] == version
+        assert manifest["prompts"]["sha256"] == bank.sha256
+        layers = pd.read_csv(run_dir / "layers.csv")
+        assert set(layers["prompt_id"]) == {p.id for p in bank}

@@ -12,22 +12,35 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+import rloop.experiments.kv_patch as kv_patch_module
 from rloop.capture.trace import Trace
-from rloop.errors import ConfigError
-from rloop.experiments.kv_patch import KVPatchConfig, run_kv_patching
+from rloop.errors import ConfigError, PromptError
+from rloop.experiments.kv_patch import (
+    KVPatchConfig,
+    plot_transfer,
+    run_kv_patching,
+    transfer_bootstrap,
+    transfer_interval,
+    transfer_plot_notes,
+    transfer_table,
+)
 from rloop.experiments.temporal import TemporalConfig, run_temporal
 from rloop.experiments.validate import (
     FAIL,
     INCONCLUSIVE,
     PASS,
+    ValidateConfig,
     Verdict,
     _check,
     _verdicts,
+    abs_interval,
     load_validate_config,
     phase_verdict,
     run_validate,
 )
 from rloop.metrics import r_v, window_pr
+from rloop.metrics.stats import noise_floor, transfer_percent
+from rloop.prompts import DEFAULT_BANK_VERSION, load_bank
 from tests.tiny_models import WordTokenizer, tiny_lm
 
 WORDS = [
@@ -243,3 +256,209 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert result.exit_code == 2 and "cannot read --alphas" in result.output
     result = CliRunner().invoke(app, ["temporal", "--max-new-tokens", "0"])
     assert result.exit_code == 2 and "generation length" in result.output
+
+
+# ---------------------------------------------------------------- transfer % with a cluster CI
+def _synthetic_grid(n_pairs=6, seed=3) -> pd.DataFrame:
+    """A grid of per-pair values: source ~ target + 1, v_patch near the target, kv half way;
+    one missing (NaN) value."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_pairs):
+        target = rng.normal(0.5, 0.2)
+        source = target + 1.0 + rng.normal(0, 0.3)
+        values = {
+            "natural_target": target,
+            "natural_source": source,
+            "v_patch": target + rng.normal(0.05, 0.2),
+            "kv:full@1": target + 0.5 * (source - target) + rng.normal(0, 0.2),
+        }
+        for condition, value in values.items():
+            kind = "kv" if condition.startswith("kv") else condition
+            rows.append(
+                {
+                    "pair_id": f"p{i}", "condition": condition, "kind": kind,
+                    "range_label": "full" if kind == "kv" else "",
+                    "layers": "1-2" if kind == "kv" else "",
+                    "alpha": 1.0 if kind == "kv" else np.nan,
+                    "r_v_generated": value, "score": 2.0 * value + rng.normal(0, 0.1),
+                }
+            )  # fmt: skip
+    grid = pd.DataFrame(rows)
+    grid.loc[(grid.pair_id == "p2") & (grid.condition == "kv:full@1"), "score"] = np.nan
+    return grid
+
+
+def _hand_transfer_cis(grid, noise, n_boot, seed) -> dict:
+    """Resample pair ids with a plain loop, stack the long rows of the drawn pairs and
+    recompute the means and transfer % of each draw with pandas -> (metric, condition) ->
+    (ci_low, ci_high, undefined share). ``noise``: metric -> the point estimate's noise."""
+    pair_ids = sorted(grid["pair_id"].unique())
+    by_pair = {pair: grid[grid["pair_id"] == pair] for pair in pair_ids}
+    draws = np.random.default_rng(seed).integers(0, len(pair_ids), size=(n_boot, len(pair_ids)))
+    values: dict = {}
+    for draw in draws:
+        sample = pd.concat([by_pair[pair_ids[i]] for i in draw])
+        means = sample.groupby("condition")[["r_v_generated", "score"]].mean()
+        for metric in ("r_v_generated", "score"):
+            for condition in ("kv:full@1", "v_patch"):
+                pct, _ = transfer_percent(
+                    means.loc[condition, metric],
+                    means.loc["natural_target", metric],
+                    means.loc["natural_source", metric],
+                    noise[metric],
+                )
+                values.setdefault((metric, condition), []).append(pct)
+    out = {}
+    for key, pcts in values.items():
+        pcts = np.array(pcts)
+        defined = pcts[np.isfinite(pcts)]
+        low, high = np.quantile(defined, [0.025, 0.975])
+        out[key] = (low, high, 1.0 - defined.size / n_boot)
+    return out
+
+
+def test_transfer_ci_equals_a_hand_written_pair_bootstrap():
+    grid = _synthetic_grid()
+    table = transfer_table(grid, n_boot=200, seed=7)
+    assert table.equals(transfer_table(grid, n_boot=200, seed=7))  # same seed, same numbers
+    other = transfer_table(grid, n_boot=200, seed=8)
+    assert not np.allclose(other["transfer_ci_low"], table["transfer_ci_low"], equal_nan=True)
+    noise = table.groupby("metric")["noise"].first().to_dict()
+    expected = _hand_transfer_cis(grid, noise, 200, 7)
+    for (metric, condition), (low, high, share) in expected.items():
+        row = table[(table.metric == metric) & (table.condition == condition)].iloc[0]
+        assert np.isfinite(row.transfer_pct)  # the gap (about 1) is far above the noise
+        assert row.transfer_ci_low == pytest.approx(low, rel=1e-9, abs=1e-9)
+        assert row.transfer_ci_high == pytest.approx(high, rel=1e-9, abs=1e-9)
+        assert row.transfer_undefined_share == pytest.approx(share)
+        assert row.transfer_ci_low <= row.transfer_pct <= row.transfer_ci_high
+
+
+def test_transfer_ci_withheld_when_the_gap_is_near_noise():
+    grid = _synthetic_grid()
+    flat = grid.copy()
+    source = flat.condition == "natural_source"
+    target = flat[flat.condition == "natural_target"].set_index("pair_id")["r_v_generated"]
+    jitter = np.random.default_rng(5).normal(0.0, 0.3, int(source.sum()))  # no true gap
+    flat.loc[source, "r_v_generated"] = flat.loc[source, "pair_id"].map(target).to_numpy() + jitter
+    row = transfer_table(flat, n_boot=200, seed=0)
+    row = row[(row.metric == "r_v_generated") & (row.condition == "kv:full@1")].iloc[0]
+    assert np.isnan(row.transfer_pct) and row.transfer_undefined == "gap within noise"
+    assert np.isnan(row.transfer_ci_low) and np.isnan(row.transfer_ci_high)
+    assert row.transfer_ci_note == "point transfer % undefined"
+    # More than 5 % of the draws undefined: no CI; at most 5 %: the percentile CI of the rest.
+    boot = np.arange(100, dtype=float)
+    boot[:10] = np.nan
+    wide = transfer_interval(boot, point_defined=True)
+    assert np.isnan(wide.low) and wide.undefined_share == pytest.approx(0.1)
+    assert "unbounded" in wide.note
+    boot[5:10] = np.arange(5, 10)
+    kept = transfer_interval(boot, point_defined=True)
+    assert kept.undefined_share == pytest.approx(0.05)
+    want = np.quantile(np.arange(5, 100), [0.025, 0.975])
+    assert (kept.low, kept.high) == pytest.approx(tuple(want), rel=1e-12)
+
+
+def test_transfer_ci_covers_the_true_transfer_in_simulation():
+    """Pairs with a known transfer of 40 %: the 95 % CI covers it in about 95 % of 200
+    simulated experiments (30 pairs each)."""
+    rng = np.random.default_rng(11)
+    hits = 0
+    n_sim = 200
+    for sim in range(n_sim):
+        target = rng.normal(0, 1, 30)
+        source = target + rng.normal(1.0, 0.5, 30)
+        patched = target + 0.4 * (source - target) + rng.normal(0, 0.3, 30)
+        noise = float(noise_floor(source - target, n_boot=400, seed=sim))
+        ci = transfer_bootstrap(target, source, patched, noise, n_boot=400, seed=sim)
+        hits += ci.low <= 40.0 <= ci.high
+    assert 0.88 <= hits / n_sim <= 0.99
+
+
+def test_plot_transfer_notes_a_metric_without_any_value(tmp_path, monkeypatch):
+    grid = _synthetic_grid()
+    grid["score"] = 1.0  # no natural gap at all: every behaviour transfer % undefined
+    table = transfer_table(grid, n_boot=200, seed=0)
+    notes = transfer_plot_notes(table)
+    assert notes == ["score: transfer % undefined for every condition (gap within noise)"]
+    seen = {}
+
+    def keep(fig, path):
+        seen["texts"] = [t.get_text() for t in fig.axes[0].texts]
+        seen["bars"] = len(fig.axes[0].containers)
+        return kv_patch_module.plt.close(fig)
+
+    monkeypatch.setattr(kv_patch_module, "_save", keep)
+    plot_transfer(table, tmp_path / "t.png")
+    assert notes[0] in seen["texts"][-1]
+    assert seen["bars"] == 1  # only R_V has bars
+    assert transfer_plot_notes(transfer_table(_synthetic_grid(), n_boot=200)) == []
+
+
+def test_verdicts_show_the_transfer_ci_next_to_the_point_value(validate_run):
+    _, run_dir, _ = validate_run
+    verdicts = pd.read_parquet(run_dir / "verdicts.parquet")
+    transfer = pd.read_parquet(run_dir / "transfer.parquet")
+    kv = transfer[(transfer.condition == "kv:full@1") & (transfer.metric == "score")].iloc[0]
+    row = verdicts[verdicts.check.str.startswith("behaviour transfer")].iloc[0]
+    np.testing.assert_equal((row.ci_low, row.ci_high), (kv.transfer_ci_low, kv.transfer_ci_high))
+    v = transfer[(transfer.condition == "v_patch") & (transfer.metric == "score")].iloc[0]
+    null = verdicts[verdicts.phase == "2"].iloc[0]
+    np.testing.assert_equal(
+        (null.ci_low, null.ci_high), abs_interval(v.transfer_ci_low, v.transfer_ci_high)
+    )
+    assert abs_interval(-3.0, 5.0) == (0.0, 5.0) and abs_interval(-5.0, -3.0) == (3.0, 5.0)
+    summary = (run_dir / "summary.md").read_text()
+    assert "transfer_ci_low" in summary and "ci_low" in summary
+
+
+# ---------------------------------------------------------------- input checks and defaults
+def _write(tmp_path, records) -> str:
+    path = tmp_path / "checked.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _records(n=4, length=8, extra=()):
+    rng = np.random.default_rng(0)
+    out = [
+        {"id": f"{g}_{i}", "group": g, "text": " ".join(map(str, rng.integers(1, 96, length)))}
+        for g in ("rec", "base")
+        for i in range(n)
+    ]
+    return out + list(extra)
+
+
+def test_validate_refuses_small_groups_before_loading_the_model(tmp_path):
+    twin = {"id": "twin_0", "group": "rec_twin", "text": " ".join(["5"] * 8)}
+    config = _config(
+        tmp_path, prompts=_write(tmp_path, _records(extra=[twin])), twin_group="rec_twin",
+        model="no-such-model-anywhere",
+    )  # fmt: skip
+    with pytest.raises(PromptError, match="at least 2 prompts per group.*'rec_twin' has 1"):
+        run_validate(config, out=tmp_path / "never")  # no lm: the model would be loaded
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigError, match="n_boot must be at least 100"):
+        _config(tmp_path, n_boot=50)
+
+
+def test_validate_refuses_prompts_longer_than_the_context(tmp_path):
+    # The tiny model's context is 128 positions; max_new_tokens = 6.
+    long_unpaired = {"id": "rec_9", "group": "rec", "text": " ".join(["7"] * 130)}
+    config = _config(tmp_path, prompts=_write(tmp_path, _records(extra=[long_unpaired])))
+    with pytest.raises(PromptError, match="rec_9 has 130 tokens, more than the model's context"):
+        run_validate(config, out=tmp_path / "a", lm=_tiny())
+    records = _records()
+    records[0]["text"] = " ".join(["7"] * 125)  # rec_0: a pair's source, 125 + 6 > 128
+    config = _config(tmp_path, prompts=_write(tmp_path, records))
+    with pytest.raises(PromptError, match="rec_0 has 125 tokens \\+ 6 generated"):
+        run_validate(config, out=tmp_path / "b", lm=_tiny())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_validate_defaults_to_bank_v2_and_v1_stays_loadable():
+    assert DEFAULT_BANK_VERSION == "v2"
+    assert load_validate_config().bank_version == "v2" == ValidateConfig().bank_version
+    assert load_validate_config(bank_version="v1").bank_version == "v1"
+    assert load_bank("v1").version == "v1" and "L5_twin" in load_bank("v2").groups()

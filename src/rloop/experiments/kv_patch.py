@@ -13,12 +13,18 @@ For every row: R_V = PR(V late) / PR(V early) over the last W *generated* tokens
 step by step) and over the last W tokens ending at the last prompt token (step 0), and the
 behaviour score of the same generated text (:mod:`rloop.behavior`). Transfer % per condition
 uses the near-zero-gap rule (:func:`rloop.metrics.stats.transfer_percent`) with the noise =
-bootstrap CI half-width of the mean paired gap (source - target, natural).
+bootstrap CI half-width of the mean paired gap (source - target, natural), and comes with a
+cluster bootstrap CI over pairs (:func:`transfer_bootstrap`).
+
+The grid is generated in chunks of at most ``max_batch_rows`` rows; with a run, each finished
+chunk is a resume checkpoint (:func:`rloop.experiments.runner.run_units`), so an interrupted
+kv-patch or validate run generates only the chunks it had not finished.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +35,7 @@ from rloop.behavior import score_texts
 from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.runner import execute, model_manifest, prompts_manifest
+from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
 from rloop.experiments.settings import (
     MIN_GROUP_SIZE,
     GenerationSettings,
@@ -52,7 +58,7 @@ from rloop.interventions.kv_cache import (
 )
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.contrasts import NULL_WITHIN, cluster_correlation
-from rloop.metrics.stats import noise_floor, transfer_percent
+from rloop.metrics.stats import noise_floor, percentile_interval, transfer_percent
 from rloop.prompts import check_window
 from rloop.runs.markdown import markdown_table
 from rloop.runs.plots import _save, plt
@@ -116,10 +122,17 @@ def check_conditions(conditions: Sequence[Condition], n_layers: int) -> None:
 
 
 def run_config_grid(
-    lm, pairs: Sequence[Pair], conditions: Sequence[Condition], config, early: int, late: int
+    lm,
+    pairs: Sequence[Pair],
+    conditions: Sequence[Condition],
+    config,
+    early: int,
+    late: int,
+    run=None,
 ) -> pd.DataFrame:
     """:func:`run_grid` with the sampling, window, PR mode, batch rows and semantic scorer
-    choice of ``config`` (a KVPatchConfig or the validation config)."""
+    choice of ``config`` (a KVPatchConfig or the validation config); ``run`` (an open
+    :class:`rloop.runs.Run`) checkpoints every generated chunk and resumes them."""
     semantic = "auto" if config.semantic == "auto" else None
     return run_grid(
         lm,
@@ -132,6 +145,7 @@ def run_config_grid(
         config.pr_mode,
         config.max_batch_rows,
         semantic=semantic,
+        run=run,
     )
 
 
@@ -146,18 +160,27 @@ def run_grid(
     pr_mode: str = "per-head",
     max_batch_rows: int = 128,
     semantic="auto",
+    run=None,
 ) -> pd.DataFrame:
     """Generate every (pair, condition) and measure it: one tidy row each.
 
     Columns: pair_id, target_id, source_id, condition, kind, range_label, layers, alpha,
     r_v_generated, pr_early_generated, pr_late_generated, r_v_prompt, text, and the behaviour
     columns score, label, lexical_rate, degenerate, scorer_version.
+
+    The rows are generated in chunks of at most ``max_batch_rows`` (pairs x conditions in
+    order); with ``run`` each chunk's measured rows are saved as checkpoint
+    ``generation-NNNNN`` and a resumed run skips the chunks already saved. Every chunk seeds
+    its own sampling generator, so a resumed grid equals one generated in one session. The
+    behaviour scores are computed on the whole grid at the end (cheap, deterministic).
     """
     if sampling.max_new_tokens < window:
         raise ConfigError(
             f"{sampling.max_new_tokens} generated tokens are fewer than the {window}-token "
             "window: raise the token count or lower the window"
         )
+    if max_batch_rows < 1:
+        raise ConfigError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
     check_conditions(conditions, lm.adapter.n_layers)
     rows_meta: list[tuple[Pair, Condition]] = [(p, c) for p in pairs for c in conditions]
     targets = tokenize_rows(lm.tokenizer, [p.target_text for p in pairs])
@@ -165,34 +188,48 @@ def run_grid(
     ids = {p.pair_id: (tuple(t), tuple(s)) for p, t, s in zip(pairs, targets, sources, strict=True)}
     patch_rows = [_patch_row(ids[p.pair_id], c, late) for p, c in rows_meta]
     points = [address(early, "v"), address(late, "v")]
-    records: list[dict] = []
-    for start in range(0, len(patch_rows), max_batch_rows):
+    starts = list(range(0, len(patch_rows), max_batch_rows))
+
+    def generate_chunk(start: int) -> pd.DataFrame:
         chunk = patch_rows[start : start + max_batch_rows]
         result = patched_generate(
             lm.model, lm.adapter, chunk, sampling, points, pad_id_of(lm.tokenizer), lm.tokenizer
         )
         measures = _measure(result, early, late, window, pr_mode)
-        for offset, measure in enumerate(measures):
-            pair, cond = rows_meta[start + offset]
-            records.append(
-                {
-                    "pair_id": pair.pair_id,
-                    "target_id": pair.target_id,
-                    "source_id": pair.source_id,
-                    "condition": cond.name,
-                    "kind": cond.kind,
-                    "range_label": cond.range_label,
-                    "layers": _range_text(cond.layers),
-                    "alpha": cond.alpha if cond.kind == "kv" else math.nan,
-                    **measure,
-                }
-            )
-    table = pd.DataFrame(records)
+        return pd.DataFrame(
+            [
+                _grid_record(*rows_meta[start + offset], measure)
+                for offset, measure in enumerate(measures)
+            ]
+        )
 
+    table = run_units(
+        run,
+        starts,
+        generate_chunk,
+        key=lambda start: f"generation-{start // max_batch_rows:05d}",
+        label="generating",
+        weight=lambda start: len(patch_rows[start : start + max_batch_rows]),
+    )
     scores = score_texts(table["text"].tolist(), semantic=semantic)
     for column in ("score", "label", "lexical_rate", "degenerate", "scorer_version"):
         table[column] = scores[column].to_numpy()
     return table
+
+
+def _grid_record(pair: Pair, cond: Condition, measure: dict) -> dict:
+    """One row of the grid: the pair, the condition and the measured values."""
+    return {
+        "pair_id": pair.pair_id,
+        "target_id": pair.target_id,
+        "source_id": pair.source_id,
+        "condition": cond.name,
+        "kind": cond.kind,
+        "range_label": cond.range_label,
+        "layers": _range_text(cond.layers),
+        "alpha": cond.alpha if cond.kind == "kv" else math.nan,
+        **measure,
+    }
 
 
 def _patch_row(ids: tuple[tuple[int, ...], tuple[int, ...]], c: Condition, late: int) -> PatchRow:
@@ -239,30 +276,140 @@ def _range_text(layers: Sequence[int]) -> str:
 
 
 METRICS = ("r_v_generated", "score")
+TRANSFER_CI = 0.95  # level of the transfer % bootstrap CI
+
+
+@dataclass(frozen=True)
+class TransferCI:
+    """Cluster bootstrap CI of a transfer %: ``low``/``high`` (NaN when not given, ``note``
+    says why) and the share of bootstrap draws in which the transfer % was undefined."""
+
+    low: float
+    high: float
+    undefined_share: float
+    note: str = ""
+
+
+def pair_draws(n_pairs: int, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap draws of pairs with replacement: (n_boot, n_pairs) row indices, from
+    ``np.random.default_rng(seed).integers(0, n_pairs, size=(n_boot, n_pairs))``."""
+    return np.random.default_rng(seed).integers(0, n_pairs, size=(n_boot, n_pairs))
+
+
+def resampled_means(values: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Mean over the drawn pairs of each draw, NaN values ignored: (n,), (B, n) -> (B,);
+    NaN for a draw with no finite value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN draws are NaN, on purpose
+        return np.nanmean(np.asarray(values, dtype=np.float64)[draws], axis=1)  # (B,)
+
+
+def transfer_interval(
+    boot_pct: np.ndarray, point_defined: bool, ci: float = TRANSFER_CI
+) -> TransferCI:
+    """Percentile CI of bootstrap transfer % values (B,), NaN where a draw was undefined.
+
+    The CI is given only when the point transfer % is defined and at most ``1 - ci`` of the
+    draws are undefined: an undefined draw has a natural gap within noise, i.e. a transfer %
+    that would be arbitrarily large, so dropping more than the CI's tail of them would
+    leave an interval that is too narrow (the ratio's CI is then unbounded, as in Fieller's
+    interval when the denominator is not clearly away from zero)."""
+    boot_pct = np.asarray(boot_pct, dtype=np.float64)
+    share = float(np.mean(~np.isfinite(boot_pct))) if boot_pct.size else math.nan
+    if not point_defined:
+        return TransferCI(math.nan, math.nan, share, "point transfer % undefined")
+    if not share <= 1.0 - ci + 1e-12:
+        note = (
+            f"undefined in {share:.0%} of bootstrap draws (more than {1.0 - ci:.0%}): the "
+            "natural gap is not clearly away from the noise, the CI is unbounded"
+        )
+        return TransferCI(math.nan, math.nan, share, note)
+    low, high = percentile_interval(boot_pct, ci)
+    return TransferCI(low, high, share)
+
+
+def bootstrap_transfer_pct(
+    boot_condition: np.ndarray,
+    boot_target: np.ndarray,
+    boot_source: np.ndarray,
+    noise: float,
+) -> np.ndarray:
+    """Transfer % of every bootstrap draw (B,) from the draws' means, by the rule of
+    :func:`~rloop.metrics.stats.transfer_percent` with the point estimate's ``noise``."""
+    return np.array(
+        [
+            transfer_percent(c, t, s, noise)[0]
+            for c, t, s in zip(boot_condition, boot_target, boot_source, strict=True)
+        ],
+        dtype=np.float64,
+    )
+
+
+def transfer_bootstrap(
+    target,
+    source,
+    values,
+    noise: float,
+    n_boot: int = 2000,
+    seed: int = 0,
+    ci: float = TRANSFER_CI,
+) -> TransferCI:
+    """Pair-level (cluster) bootstrap CI of the transfer % of one condition.
+
+    target, source, values: (n_pairs,) per-pair values of the natural target, the natural
+    source and the condition (NaN where undefined). Each draw resamples pairs with
+    replacement (:func:`pair_draws`; the same pairs for the three arrays), recomputes the
+    three means (NaN ignored) and the transfer % by the near-zero-gap rule with the point
+    estimate's ``noise`` as threshold (a nested bootstrap of the noise per draw would cost
+    n_boot² resamples; the threshold is the design's resolution, not re-estimated), and
+    :func:`transfer_interval` turns the draws into the CI.
+    """
+    target, source, values = (np.asarray(a, dtype=np.float64) for a in (target, source, values))
+    noise = float(noise) if math.isfinite(float(noise)) else 0.0
+    point, _ = transfer_percent(_nanmean(values), _nanmean(target), _nanmean(source), noise)
+    if target.size < 2:
+        return TransferCI(math.nan, math.nan, math.nan, "fewer than 2 pairs")
+    draws = pair_draws(target.size, n_boot, seed)
+    boot = bootstrap_transfer_pct(
+        resampled_means(values, draws),
+        resampled_means(target, draws),
+        resampled_means(source, draws),
+        noise,
+    )
+    return transfer_interval(boot, math.isfinite(point), ci)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
 
 
 def transfer_table(grid: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Mean of each metric per condition and transfer % relative to the natural pair.
 
     One row per (condition, metric): n, mean, natural target/source means, gap, noise (CI
-    half-width of the mean paired gap), transfer_pct and its undefined reason.
+    half-width of the mean paired gap), transfer_pct and its undefined reason, and its
+    95 % cluster bootstrap CI over pairs (:func:`transfer_bootstrap`: transfer_ci_low,
+    transfer_ci_high, transfer_undefined_share = the share of draws in which it was
+    undefined, transfer_ci_note = why the CI is not given). All conditions and both metrics
+    use the same draws of pairs (same seed, pairs in pair_id order).
     """
     rows = []
     for metric in METRICS:
-        wide = grid.pivot_table(index="pair_id", columns="condition", values=metric)
+        wide = grid.pivot_table(index="pair_id", columns="condition", values=metric, dropna=False)
         if not {NATURAL_TARGET, NATURAL_SOURCE} <= set(wide.columns):
             raise ConfigError("transfer % needs the natural_target and natural_source conditions")
         target = wide[NATURAL_TARGET].to_numpy(dtype=float)
         source = wide[NATURAL_SOURCE].to_numpy(dtype=float)
         noise = float(noise_floor(source - target, n_boot=n_boot, seed=seed))
-        mean_t, mean_s = float(np.nanmean(target)), float(np.nanmean(source))
+        threshold = noise if math.isfinite(noise) else 0.0
+        mean_t, mean_s = _nanmean(target), _nanmean(source)
         meta = grid.drop_duplicates("condition").set_index("condition")
         for cond in wide.columns:
             values = wide[cond].to_numpy(dtype=float)
-            mean = float(np.nanmean(values))
-            pct, reason = transfer_percent(
-                mean, mean_t, mean_s, noise if math.isfinite(noise) else 0
-            )
+            mean = _nanmean(values)
+            pct, reason = transfer_percent(mean, mean_t, mean_s, threshold)
+            interval = transfer_bootstrap(target, source, values, threshold, n_boot, seed)
             rows.append(
                 {
                     "condition": cond,
@@ -280,6 +427,10 @@ def transfer_table(grid: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.
                     "noise": noise,
                     "transfer_pct": pct,
                     "transfer_undefined": reason or "",
+                    "transfer_ci_low": interval.low,
+                    "transfer_ci_high": interval.high,
+                    "transfer_undefined_share": interval.undefined_share,
+                    "transfer_ci_note": interval.note,
                 }
             )
     return pd.DataFrame(rows)
@@ -360,22 +511,53 @@ def plot_dose_response(grid: pd.DataFrame, range_label: str, path) -> object:
     return _save(fig, path)
 
 
+def transfer_plot_notes(transfer: pd.DataFrame) -> list[str]:
+    """One line per metric whose transfer % is undefined for every plotted condition (the
+    bars would be empty), with the reasons; empty when every metric has a value to show."""
+    frame = transfer[~transfer["kind"].isin([NATURAL_TARGET, NATURAL_SOURCE])]
+    notes = []
+    for metric in METRICS:
+        sub = frame[frame["metric"] == metric]
+        if sub.empty or np.isfinite(sub["transfer_pct"].to_numpy(dtype=float)).any():
+            continue
+        reasons = sorted({r for r in sub["transfer_undefined"] if isinstance(r, str) and r})
+        why = "; ".join(reasons) if reasons else "no finite value"
+        notes.append(f"{metric}: transfer % undefined for every condition ({why})")
+    return notes
+
+
 def plot_transfer(transfer: pd.DataFrame, path) -> object:
-    """Transfer % per condition, R_V and behaviour side by side (undefined ones omitted)."""
+    """Transfer % per condition, R_V and behaviour side by side, with the cluster bootstrap
+    CI as error bars where it is given; an undefined transfer % is marked "n/a" at 0, and a
+    metric undefined for every condition gets a note on the plot instead of empty bars."""
 
     frame = transfer[~transfer["kind"].isin([NATURAL_TARGET, NATURAL_SOURCE])]
     conditions = list(dict.fromkeys(frame["condition"]))
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(conditions)), 4))
     width = 0.4
+    notes = transfer_plot_notes(transfer)
     for k, metric in enumerate(METRICS):
         sub = frame[frame["metric"] == metric].set_index("condition").reindex(conditions)
-        ax.bar(
-            np.arange(len(conditions)) + (k - 0.5) * width, sub["transfer_pct"], width, label=metric
-        )
+        values = sub["transfer_pct"].to_numpy(dtype=float)  # (C,)
+        if not np.isfinite(values).any():
+            continue
+        x = np.arange(len(conditions)) + (k - 0.5) * width  # (C,)
+        ax.bar(x, values, width, label=metric)
+        if "transfer_ci_low" in sub:
+            low = sub["transfer_ci_low"].to_numpy(dtype=float)
+            high = sub["transfer_ci_high"].to_numpy(dtype=float)
+            shown = np.isfinite(low) & np.isfinite(high) & np.isfinite(values)
+            ax.vlines(x[shown], low[shown], high[shown], color="black", lw=1)
+        for position in x[~np.isfinite(values)]:
+            ax.text(position, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks(range(len(conditions)), conditions, rotation=45, ha="right")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel("transfer % toward the source")
-    ax.legend()
+    ax.set_ylabel("transfer % toward the source (95 % CI over pairs)")
+    if notes:
+        ax.text(0.5, 0.5, "\n".join(notes), transform=ax.transAxes, ha="center", va="center",
+                fontsize=8, wrap=True)  # fmt: skip
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     return _save(fig, path)
 
 
@@ -422,7 +604,11 @@ def _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, co
         "gap",
         "noise",
         "transfer_pct",
+        "transfer_ci_low",
+        "transfer_ci_high",
+        "transfer_undefined_share",
         "transfer_undefined",
+        "transfer_ci_note",
     ]
     summary = [
         "# KV-cache patching",
@@ -435,6 +621,10 @@ def _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, co
         "(see rloop.interventions.kv_cache)",
         "",
         "## Transfer",
+        "",
+        "Transfer % with its 95 % cluster bootstrap CI over pairs; the CI is not given when "
+        "the transfer % is undefined in more than 5 % of the bootstrap draws "
+        "(transfer_undefined_share).",
         "",
         markdown_table(transfer[cols]),
         "",
@@ -491,7 +681,7 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
     def body(run) -> dict:
         run.set_model(model_manifest(lm))
         run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
-        grid = run_config_grid(lm, pairs, conditions, config, early, late)
+        grid = run_config_grid(lm, pairs, conditions, config, early, late, run=run)
         transfer = transfer_table(grid, config.n_boot, config.seed)
         corr = correlation_table(grid, n_boot=config.n_boot, seed=config.seed)
         doses = pd.concat(

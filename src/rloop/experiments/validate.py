@@ -14,7 +14,14 @@ Phases 2-4 share one batched generation of every (pair, condition) row
 (:func:`rloop.experiments.kv_patch.run_grid`). Each phase's verdict (PASS / FAIL /
 INCONCLUSIVE) is computed from the data against thresholds in the config
 (``rloop/configs/validate_default.toml``); INCONCLUSIVE means a quantity it needs is undefined
-(e.g. transfer % with a natural gap within noise, SCIENCE.md §6).
+(e.g. transfer % with a natural gap within noise, SCIENCE.md §6). The transfer checks of
+phases 2 and 3 show the transfer %'s cluster bootstrap CI over pairs next to the value; the
+verdict compares the point value with the threshold (the thresholds are point thresholds).
+
+Input is checked before anything is computed: the settings and the groups (present, large
+enough, enough pairs) before the model is loaded; the window and the context length (every
+prompt, plus the generated tokens for the pairs' prompts) right after. An interrupted run
+resumes: phase 1's prompt batches and the generation chunks of phases 2-4 are checkpoints.
 """
 
 from __future__ import annotations
@@ -51,7 +58,12 @@ from rloop.experiments.kv_patch import (
     transfer_table,
 )
 from rloop.experiments.runner import execute, model_manifest, prompts_manifest
-from rloop.experiments.settings import load_prompt_set
+from rloop.experiments.settings import (
+    MIN_BOOTSTRAP,
+    check_context,
+    check_groups,
+    load_prompt_set,
+)
 from rloop.interventions.engine import resolve_layers
 from rloop.interventions.kv_cache import (
     check_alpha,
@@ -59,7 +71,7 @@ from rloop.interventions.kv_cache import (
     default_patch_layers,
     scale_layer_range,
 )
-from rloop.prompts import DEFAULT_BANK_VERSION, check_window
+from rloop.prompts import DEFAULT_BANK_VERSION, PromptSet, check_window
 from rloop.runs import plots as plotting
 from rloop.runs.markdown import markdown_table, model_line
 
@@ -212,6 +224,10 @@ def check_validate_config(config: ValidateConfig) -> None:
     """Range checks that need no model (the layer checks happen once the model is loaded)."""
     if config.window < 2:
         raise ConfigError(f"window must be at least 2 tokens, got {config.window}")
+    if config.n_boot < MIN_BOOTSTRAP:
+        raise ConfigError(
+            f"n_boot must be at least {MIN_BOOTSTRAP} for a usable CI, got {config.n_boot}"
+        )
     config.sampling()  # generation length, temperature, top_p
     if config.max_new_tokens < config.window:
         raise ConfigError(
@@ -274,19 +290,37 @@ def conditions_for(config: ValidateConfig, ranges: dict[str, tuple[int, ...]]) -
 
 @dataclass
 class Verdict:
+    """One check: its value against a rule; ci_low / ci_high: the value's 95 % CI where the
+    check has one (transfer %: cluster bootstrap over pairs), shown next to it, not used
+    by the verdict."""
+
     phase: str
     check: str
     value: float
     rule: str
     verdict: str
+    ci_low: float = math.nan
+    ci_high: float = math.nan
 
 
-def _check(phase: str, check: str, value: float, op: str, threshold: float, why=None) -> Verdict:
+def _check(
+    phase: str,
+    check: str,
+    value: float,
+    op: str,
+    threshold: float,
+    why=None,
+    ci: tuple[float, float] = (math.nan, math.nan),
+) -> Verdict:
+    """The verdict of the point ``value`` against ``op threshold`` (INCONCLUSIVE when it is
+    undefined, ``why`` says why); ``ci`` is carried along for display."""
     rule = f"{op} {threshold:g}"
+    low, high = (float(c) for c in ci)
     if value is None or not math.isfinite(value):
-        return Verdict(phase, check, math.nan, rule + (f" ({why})" if why else ""), INCONCLUSIVE)
+        rule += f" ({why})" if why else ""
+        return Verdict(phase, check, math.nan, rule, INCONCLUSIVE, low, high)
     ok = value <= threshold if op == "<=" else value >= threshold
-    return Verdict(phase, check, float(value), rule, PASS if ok else FAIL)
+    return Verdict(phase, check, float(value), rule, PASS if ok else FAIL, low, high)
 
 
 def phase_verdict(verdicts: list[Verdict]) -> str:
@@ -339,20 +373,23 @@ def phase1_setup(
     return phenomenon, contraction_config
 
 
-def run_phases(lm, prompt_set, config: ValidateConfig) -> ValidateResult:
-    """All four phases on a loaded model (no run directory)."""
+def run_phases(lm, prompt_set, config: ValidateConfig, run=None) -> ValidateResult:
+    """All four phases on a loaded model; ``run`` (an open :class:`rloop.runs.Run`, or None
+    for no run directory) checkpoints phase 1's prompt batches and the generation chunks of
+    phases 2-4, and resumes them."""
 
     timings = {}
     started = time.perf_counter()
     early, late, _ = resolve_layers(lm.adapter, config.layers or None)
     phenomenon, contraction_config = phase1_setup(prompt_set, config, [early, late])
-    contraction = measure_contraction(lm, phenomenon, contraction_config)
+    contraction = measure_contraction(lm, phenomenon, contraction_config, run=run)
     timings["phase1_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     ranges = layer_ranges(config, lm.adapter.n_layers)
     pairs = make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
-    grid = run_config_grid(lm, pairs, conditions_for(config, ranges), config, early, late)
+    conditions = conditions_for(config, ranges)
+    grid = run_config_grid(lm, pairs, conditions, config, early, late, run=run)
     timings["generation_s"] = time.perf_counter() - started
     started = time.perf_counter()
     transfer = transfer_table(grid, n_boot=config.n_boot, seed=config.seed)
@@ -365,9 +402,27 @@ def run_phases(lm, prompt_set, config: ValidateConfig) -> ValidateResult:
     )
 
 
-def _transfer_value(transfer: pd.DataFrame, condition: str, metric: str) -> tuple[float, str]:
+def _transfer_value(
+    transfer: pd.DataFrame, condition: str, metric: str
+) -> tuple[float, str | None, tuple[float, float]]:
+    """(transfer %, why it is undefined or None, its CI (NaN, NaN when not given))."""
     row = transfer[(transfer.condition == condition) & (transfer.metric == metric)].iloc[0]
-    return float(row.transfer_pct), row.transfer_undefined or None
+    ci = (
+        float(getattr(row, "transfer_ci_low", math.nan)),
+        float(getattr(row, "transfer_ci_high", math.nan)),
+    )
+    return float(row.transfer_pct), row.transfer_undefined or None, ci
+
+
+def abs_interval(low: float, high: float) -> tuple[float, float]:
+    """The image of the interval [low, high] under abs (for the check on |transfer %|)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return math.nan, math.nan
+    if low >= 0:
+        return low, high
+    if high <= 0:
+        return -high, -low
+    return 0.0, max(-low, high)
 
 
 def _main_paired(contraction) -> pd.DataFrame:
@@ -420,7 +475,7 @@ def phase1_basis(contraction, config: ValidateConfig) -> str:
 def _verdicts(contraction, transfer, correlations, dose, config) -> pd.DataFrame:
     t = config.thresholds
     out: list[Verdict] = phase1_verdicts(contraction, config)
-    value, why = _transfer_value(transfer, V_PATCH, "score")
+    value, why, ci = _transfer_value(transfer, V_PATCH, "score")
     out.append(
         _check(
             "2",
@@ -429,10 +484,11 @@ def _verdicts(contraction, transfer, correlations, dose, config) -> pd.DataFrame
             "<=",
             t["phase2"]["max_abs_behavior_transfer_pct"],
             why,
+            abs_interval(*ci),
         )
     )
     full_one = Condition("kv", (), 1.0, "full").name
-    value, why = _transfer_value(transfer, full_one, "score")
+    value, why, ci = _transfer_value(transfer, full_one, "score")
     out.append(
         _check(
             "3",
@@ -441,9 +497,10 @@ def _verdicts(contraction, transfer, correlations, dose, config) -> pd.DataFrame
             ">=",
             t["phase3"]["min_behavior_transfer_pct"],
             why,
+            ci,
         )
     )
-    value, why = _transfer_value(transfer, full_one, "r_v_generated")
+    value, why, ci = _transfer_value(transfer, full_one, "r_v_generated")
     out.append(
         _check(
             "3",
@@ -452,6 +509,7 @@ def _verdicts(contraction, transfer, correlations, dose, config) -> pd.DataFrame
             ">=",
             t["phase3"]["min_r_v_transfer_pct"],
             why,
+            ci,
         )
     )
     dose_row = dose[dose.y == "score"].iloc[0]
@@ -535,7 +593,11 @@ def report_markdown(result: ValidateResult, config: ValidateConfig, model_line: 
         lines.append("")
     lines += [
         "Transfer % = (patched - natural target) / (natural source - natural target) x 100; "
-        "undefined when the natural gap is within the bootstrap noise of the paired gap.",
+        "undefined when the natural gap is within the bootstrap noise of the paired gap. "
+        "transfer_ci_low / transfer_ci_high: its 95 % cluster bootstrap CI over pairs (pairs "
+        "resampled, all means and the rule recomputed; the verdicts' ci_low / ci_high), not "
+        "given when the transfer % is undefined in more than 5 % of the draws "
+        "(transfer_undefined_share). Verdicts compare the point value with the threshold.",
         "",
         "Files: `phase1_contraction.*`, `phase1_contrasts.*`, `phase1_paired.*` (with minimal "
         "pairs), `generations.*` (every pair x condition, with text, "
@@ -585,8 +647,12 @@ def _phase_tables(result: ValidateResult) -> dict[str, str]:
         "gap",
         "noise",
         "transfer_pct",
+        "transfer_ci_low",
+        "transfer_ci_high",
+        "transfer_undefined_share",
         "transfer_undefined",
     ]
+    cols = [c for c in cols if c in tr.columns]
     phase2 = markdown_table(tr[tr.kind.isin([V_PATCH])][cols])
     phase3 = markdown_table(
         tr[(tr.kind == "kv") & (tr.alpha == 1.0)][["range_label", "layers", *cols[1:]]]
@@ -610,21 +676,37 @@ def _fmt_range(layers) -> str:
     return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
+def validated_groups(config: ValidateConfig, prompt_set: PromptSet) -> dict[str, str]:
+    """The groups validate contrasts, by config key: recursive and baseline, and the twin
+    group when the prompt set has it (a missing default twin group is a fallback, not an
+    error: phase 1 then uses the unpaired contrast)."""
+    groups = {"recursive_group": config.recursive_group, "baseline_group": config.baseline_group}
+    if config.twin_group is not None and config.twin_group in prompt_set.groups():
+        groups["twin_group"] = config.twin_group
+    return groups
+
+
+def pair_prompts(prompt_set: PromptSet, pairs) -> PromptSet:
+    """The prompts of phases 2-4 (every pair's target and source), for the context check
+    with the generated tokens."""
+    used = {p.target_id for p in pairs} | {p.source_id for p in pairs}
+    chosen = [p for p in prompt_set if p.id in used]
+    return PromptSet(chosen, prompt_set.source, prompt_set.version, prompt_set.sha256)
+
+
 def run_validate(
     config: ValidateConfig, out: Path | None = None, force: bool = False, lm=None
 ) -> tuple[Path, bool, dict]:
-    """The full 4-phase run with a run record; all checks happen before anything is written."""
+    """The full 4-phase run with a run record; all checks happen before anything is written:
+    settings, groups (present, at least 2 prompts each, enough pairs) and the design before
+    the model is loaded, then layers, window and context (the pairs' prompts with
+    ``max_new_tokens`` generated tokens). A rerun with the same config resumes."""
 
     check_validate_config(config)
     prompt_set = load_prompt_set(config.prompts, config.bank_version)
-    groups = [config.recursive_group, config.baseline_group]
-    missing = [g for g in groups if g not in prompt_set.groups()]
-    if missing:
-        raise ConfigError(
-            f"group(s) {missing} not in the prompt set; available: {', '.join(prompt_set.groups())}"
-        )
+    check_groups(prompt_set, validated_groups(config, prompt_set))
     phenomenon, _ = phase1_setup(prompt_set, config)
-    make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
+    pairs = make_pairs(prompt_set, config.baseline_group, config.recursive_group, config.n_pairs)
     if lm is None:
         lm = models.load_model(
             config.model, revision=config.revision, device=config.device, dtype=config.dtype
@@ -632,11 +714,13 @@ def run_validate(
     resolve_layers(lm.adapter, config.layers or None)
     layer_ranges(config, lm.adapter.n_layers)
     check_window(phenomenon, lm.tokenizer, config.window)
+    check_context(phenomenon, lm)
+    check_context(pair_prompts(prompt_set, pairs), lm, config.max_new_tokens)
 
     def body(run) -> dict:
         run.set_model(model_manifest(lm))
         run.set_prompts(prompts_manifest(phenomenon, lm.tokenizer))
-        result = run_phases(lm, prompt_set, config)
+        result = run_phases(lm, prompt_set, config, run=run)
         run.write_table("phase1_contraction", result.contraction.results)
         run.write_table("phase1_contrasts", result.contraction.contrasts)
         if not result.contraction.paired.empty:
