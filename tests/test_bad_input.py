@@ -22,6 +22,8 @@ from tests.test_causal_experiments import write_prompts
 from tests.tiny_models import tiny_lm, tiny_model
 
 WINDOW = ["--window", "4"]
+# robustness on a small grid: one window, one hook point (both PR modes, both estimators)
+ROBUSTNESS = ["robustness", "--windows", "4", "--points", "v", "--n-perm", "100", "--n-boot", "200"]
 RUNNER = CliRunner()
 
 
@@ -70,6 +72,7 @@ def numbers(n: int, start: int = 1) -> str:
 CONTRASTS = {
     "contraction": (["contraction", "--layers", "0,2", "--n-boot", "200"], "--baseline-group"),
     "heads": (["heads", "--n-boot", "200"], "--baseline-group"),
+    "robustness": (ROBUSTNESS, "--baseline-group"),
     "attn-vs-mlp": (["attn-vs-mlp", "--n-boot", "200"], "--baseline-group"),
     "patch": (["patch", "--heads", "1.2", "--measure-layers", "0,2"], "--target-group"),
     "kv-patch": (
@@ -138,6 +141,8 @@ CONTEXT_COMMANDS = {
     "saliency": ["saliency", "--measure-layers", "0,2", "--n-boot", "200"],
     "temporal": ["temporal", "--layers", "0,2", "--max-new-tokens", "6"],
     "kv-patch": ["kv-patch", "--layers", "0,2", "--max-new-tokens", "6", "--n-pairs", "2"],
+    "robustness": ROBUSTNESS,
+    "gain": ["gain"],  # no --window
 }
 
 
@@ -151,8 +156,9 @@ def test_a_prompt_longer_than_the_context_is_named(loads, tmp_path, name) -> Non
     rows.append({"id": "L5_long", "group": "L5", "text": numbers(n_long)})
     prompts = write_jsonl(tmp_path / "long.jsonl", rows)
     out = tmp_path / "never"
+    window = [] if name == "gain" else WINDOW
     line = one_error_line(
-        invoke(*CONTEXT_COMMANDS[name], *WINDOW, "--prompts", str(prompts), "--out", str(out))
+        invoke(*CONTEXT_COMMANDS[name], *window, "--prompts", str(prompts), "--out", str(out))
     )
     plus = " + 6 generated" if generates else ""
     assert f"prompt L5_long has {n_long} tokens{plus}" in line
@@ -335,7 +341,7 @@ def test_reindex_lists_a_corrupt_manifest_with_its_reason(tmp_path) -> None:
         json.loads('{"run_id": "x", "status": ')
     except ValueError as err:
         json_error = str(err)
-    assert broken["reason"] == f"corrupt: {json_error}"
+    assert broken["reason"] == f"corrupt: cannot read manifest.json: {json_error}"
     assert runs.loc[str((store / "no-id").absolute()), "reason"] == (
         "corrupt: manifest.json has no run_id"
     )

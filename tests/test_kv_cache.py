@@ -174,3 +174,117 @@ def test_layer_ranges_and_bad_input():
         patched_generate(
             lm.model, lm.adapter, [PatchRow(TARGET, SOURCE, (7,), 0.5)], SamplingConfig(2)
         )
+
+
+# ---------------------------------------------------------------- sliding-window layers (Gemma-3)
+
+SLIDING_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def sliding_gemma3():
+    """A tiny Gemma-3 (window 8) with sliding layers 0 and 2 and a full-attention layer 1."""
+    from transformers import AutoModelForCausalLM
+
+    from rloop.adapters import adapter_for
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config("gemma3")
+    config.layer_types = list(SLIDING_TYPES)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.normal_(0.0, 0.15)
+    model.eval()
+    return model, adapter_for(model)
+
+
+def tokens(start: int, n: int, last: int = 40) -> tuple[int, ...]:
+    return tuple(1 + (start + 7 * i) % 95 for i in range(n - 1)) + (last,)
+
+
+SLIDING_POINTS = ["blocks.0.v", "blocks.1.v", "blocks.2.v"]
+# Two pairs of different lengths (memories of 12 and 15 tokens, window 8): targets, sources
+# of the same length and last token (alpha = 1), and shorter sources (alpha = 0).
+SLIDING_TARGETS = [tokens(3, 13), tokens(11, 16, last=41)]
+SLIDING_SOURCES = [tokens(50, 13), tokens(60, 16, last=41)]
+SHORT_SOURCES = [tokens(70, 6), tokens(80, 9, last=41)]
+
+
+def test_sliding_window_caches_hold_fewer_columns_than_the_memory():
+    """The case the mixing must handle: layers 0 and 2 cache only the last 7 of 15 columns."""
+    from rloop.capture.generation import layout_prompts, prefill_memory
+
+    model, adapter = sliding_gemma3()
+    layout = layout_prompts(SLIDING_TARGETS, 0)
+    cache, _ = prefill_memory(model, adapter, layout)
+    width = layout.memory_ids.shape[1]
+    assert width == 15
+    assert [cache_layer(cache, layer)[0].shape[2] for layer in range(3)] == [7, 15, 7]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_sliding_window_alpha_end_points_equal_natural_generation(alpha):
+    model, adapter = sliding_gemma3()
+    sampling = SamplingConfig(max_new_tokens=8)
+    sources = SLIDING_SOURCES if alpha == 1 else SHORT_SOURCES
+    rows = [PatchRow(t, s, (0, 1, 2), alpha) for t, s in zip(SLIDING_TARGETS, sources, strict=True)]
+    patched = patched_generate(model, adapter, rows, sampling, SLIDING_POINTS)
+    natural = generate(
+        model, adapter, SLIDING_SOURCES if alpha == 1 else SLIDING_TARGETS, sampling,
+        SLIDING_POINTS,
+    )  # fmt: skip
+    assert torch.equal(patched.new_tokens, natural.new_tokens)
+    assert torch.equal(patched.first_logits, natural.first_logits)
+    assert torch.equal(patched.attention_mask, natural.attention_mask)
+    real = natural.attention_mask.bool()  # (B, M + 1 + N); padding V depends on the row
+    for point in SLIDING_POINTS:  # every real memory column, inside and before the window
+        assert torch.equal(patched.captured[point][real], natural.captured[point][real]), point
+    if alpha == 1:  # the sources do change the generation
+        alone = generate(model, adapter, SLIDING_TARGETS, sampling)
+        assert not torch.equal(alone.new_tokens, patched.new_tokens)
+
+
+def test_sliding_window_mix_matches_a_hand_built_cache():
+    """alpha = 0.4 on every layer of one pair: first-step logits from a cache mixed by hand in
+    float64 from two plain prefills, and captured memory V equal to the float64 mix of the two
+    prompts' V from plain forwards (before the window too)."""
+    from transformers import DynamicCache
+
+    from rloop.capture import Trace
+
+    model, adapter = sliding_gemma3()
+    target, source, alpha = SLIDING_TARGETS[1], SLIDING_SOURCES[1], 0.4
+    result = patched_generate(
+        model, adapter, [PatchRow(target, source, (0, 1, 2), alpha)],
+        SamplingConfig(max_new_tokens=2), SLIDING_POINTS,
+    )  # fmt: skip
+    memory = len(target) - 1
+    values = {}
+    with torch.no_grad():
+        caches = []
+        for ids in (target, source):
+            with Trace(model, adapter, capture=SLIDING_POINTS) as trace:
+                out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+            caches.append(cache_of(out))
+            values[ids] = {p: trace[p][0].double() for p in SLIDING_POINTS}  # (M, Hkv, D)
+        cache = DynamicCache(config=model.config)
+        for layer in range(3):
+            (k_t, v_t), (k_s, v_s) = cache_layer(caches[0], layer), cache_layer(caches[1], layer)
+            assert k_t.shape[2] == (memory if layer == 1 else 7)
+            k = ((1 - alpha) * k_t.double() + alpha * k_s.double()).float()
+            v = ((1 - alpha) * v_t.double() + alpha * v_s.double()).float()
+            cache.update(k, v, layer)
+        reference = model(
+            input_ids=torch.tensor([[target[-1]]]),
+            position_ids=torch.tensor([[memory]]),
+            attention_mask=torch.ones(1, memory + 1, dtype=torch.long),
+            use_cache=True,
+            **{cache_kwarg(model): cache},
+        ).logits[0, -1]
+    torch.testing.assert_close(result.first_logits[0], reference, atol=1e-4, rtol=0)
+    for point in SLIDING_POINTS:
+        mixed = (1 - alpha) * values[target][point] + alpha * values[source][point]
+        captured = result.captured[point][0, :memory].double()  # (M, Hkv, D)
+        torch.testing.assert_close(captured, mixed, atol=1e-5, rtol=0)

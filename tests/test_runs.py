@@ -370,3 +370,35 @@ def test_cli_list_show_compare_and_bad_id(tmp_path):
     assert bad.exit_code == 2
     assert "no run 'no-such-run'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert issubclass(RunStoreError, RloopError)
+
+
+def test_cli_list_shows_why_a_run_is_corrupt_or_failed(tmp_path):
+    wide = {"COLUMNS": "300"}
+    runner = CliRunner()
+    with _open(tmp_path / "good", tmp_path) as run:
+        run.complete()
+    plain = runner.invoke(runs_app, ["list", "--root", str(tmp_path)], env=wide)
+    assert plain.exit_code == 0, plain.output
+    assert "reason" not in plain.output  # nothing to explain: no reason column
+
+    with pytest.raises(RuntimeError), _open(tmp_path / "failed-run", tmp_path, {"model": "x"}):
+        raise RuntimeError("boom at step 3")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "manifest.json").write_text('{"run_id": "x", "status": ')  # truncated
+    try:
+        json.loads('{"run_id": "x", "status": ')
+    except ValueError as err:
+        json_error = str(err)
+
+    for args in (["--reindex"], []):  # the corrupt row stays in the index after --reindex
+        listed = runner.invoke(runs_app, ["list", "--root", str(tmp_path), *args], env=wide)
+        assert listed.exit_code == 0, listed.output
+        lines = listed.output.splitlines()
+        header = next(line for line in lines if "status" in line and "directory" in line)
+        assert "reason" in header
+        torn = next(line for line in lines if "corrupt:torn" in line)
+        assert f"corrupt: cannot read manifest.json: {json_error}" in torn
+        failed = next(line for line in lines if "failed-run" in line)
+        assert "failed" in failed and "boom at step 3" in failed
+        good = next(line for line in lines if " good " in line)
+        assert "complete" in good

@@ -53,7 +53,8 @@ def list_command(
         str | None, typer.Option("--experiment", "-e", help="Only this experiment.")
     ] = None,
     status: Annotated[
-        str | None, typer.Option("--status", "-s", help="running | complete | failed.")
+        str | None,
+        typer.Option("--status", "-s", help="running | interrupted | complete | failed | corrupt."),
     ] = None,
     rebuild: Annotated[
         bool, typer.Option("--reindex", help="Rebuild the index from the manifests on disk first.")
@@ -62,7 +63,8 @@ def list_command(
         bool, typer.Option("--metrics", help="Add every run's headline metrics as columns (wide).")
     ] = False,
 ) -> None:
-    """List runs, oldest first (add --metrics for their headline metrics).
+    """List runs, oldest first (add --metrics for their headline metrics). A failed,
+    interrupted or corrupt run shows why in the reason column.
 
     Example: rloop runs list --experiment contraction --status complete
     """
@@ -79,6 +81,8 @@ def list_command(
         runs[column] = runs[column].map(_short_time)
     if not metrics:
         base = ["id", "experiment", "model", "status", "finished", "directory"]
+        if "reason" in runs.columns and runs["reason"].map(_cell).any():
+            base.append("reason")  # why a run failed, was interrupted or is corrupt
         runs = runs[[c for c in base if c in runs.columns]]
     table = Table(title=f"{len(runs)} run(s)")
     for column in runs.columns:

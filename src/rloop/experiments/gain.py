@@ -34,10 +34,11 @@ from rloop.capture.batching import encode, plan_batches
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, RloopError
 from rloop.experiments.runner import execute, prompts_manifest
-from rloop.experiments.settings import load_prompt_set
+from rloop.experiments.settings import check_context, load_prompt_set
 from rloop.metrics.stats import bootstrap_ci, correlation_with_ci
 from rloop.models.architecture import ArchitectureFacts, facts_of_model
 from rloop.progress import progress_bar
+from rloop.prompts import DEFAULT_BANK_VERSION
 from rloop.runs import plots as plotting
 from rloop.runs.layout import one_line_error
 from rloop.runs.markdown import markdown_table
@@ -58,7 +59,7 @@ class GainConfig:
     dtype: str | None = None
     device: str | None = None  # "auto" spreads each model over every GPU
     prompts: str | None = None  # a prompt file; None = the shipped bank
-    bank_version: str = "v1"
+    bank_version: str = DEFAULT_BANK_VERSION  # v2; "v1" stays loadable
     groups: list[str] | None = None
     batch_size: int = 8
     rho_threshold: float = 0.2  # H25: rho >= threshold predicts dampening (gain < 1)
@@ -426,6 +427,8 @@ def run_gain(
         return load(name, revision=config.revision, device=config.device, dtype=config.dtype)
 
     preloaded = load_one(config.models[0]) if len(config.models) == 1 else None
+    if preloaded is not None:
+        check_context(prompt_set, preloaded)  # a sweep checks each model as it loads it
     label = config.models[0] if len(config.models) == 1 else f"{len(config.models)}-models"
 
     def body(run) -> dict:
@@ -440,6 +443,7 @@ def run_gain(
             lm = preloaded if preloaded is not None else None
             try:
                 lm = lm if lm is not None else load_one(name)
+                check_context(prompt_set, lm)
                 if not prompts_recorded:
                     run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
                     prompts_recorded = True

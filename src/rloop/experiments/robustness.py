@@ -57,7 +57,16 @@ from rloop.experiments.runner import (
     record_model_and_prompts,
     run_units,
 )
-from rloop.experiments.settings import Settings, check_settings, load, load_prompt_set
+from rloop.experiments.settings import (
+    Settings,
+    check_context,
+    check_groups,
+    check_settings,
+    limit_per_group,
+    load,
+    load_prompt_set,
+    verify_if_asked,
+)
 from rloop.interventions.engine import default_layers
 from rloop.metrics import PR_MODE_PER_HEAD, PR_MODE_WHOLE, PR_MODES, r_v
 from rloop.metrics.contrasts import paired_contrast
@@ -315,7 +324,7 @@ def contrast_design(prompt_set: PromptSet, config: RobustnessConfig) -> Contrast
             raise PromptError(
                 f"group {group!r} has {len(members)} prompt(s) in {prompt_set.source}; the "
                 f"contrast needs at least 2 per group (groups there: "
-                f"{', '.join(prompt_set.groups) or 'none'})"
+                f"{', '.join(prompt_set.groups()) or 'none'})"
             )
         chosen += members
     labels = np.array([p.group == target for p in chosen])
@@ -955,20 +964,27 @@ def run_robustness(
 ) -> tuple[Path, bool, dict]:
     """Full pipeline with a run record. Returns (run_dir, already_complete, headline).
 
-    Every check that can be made before measuring (settings, grid, prompt file, groups or
-    pairs, at least one window the prompts are long enough for) happens before the run
-    directory is created, so bad input writes nothing. When no specification turns out
-    estimable the tables are written and the run fails with a one-line error.
+    Every check that can be made before measuring (settings, grid, prompt file, groups
+    present with at least 2 prompts each or pairs, at least one window the prompts are long
+    enough for, no prompt longer than the model's context) happens before the run directory
+    is created, so bad input writes nothing. When no specification turns out estimable the
+    tables are written and the run fails with a one-line error.
     """
     _validate(config)
-    groups = [config.recursive_group, config.twin_group or config.baseline_group]
-    prompt_set = load_prompt_set(config.prompts, config.bank_version, groups)
-    lm = load(config, lm)
-    grid = build_grid(config, lm.adapter)
+    twin_flag = "--twin-group" if config.twin_group is not None else "--baseline-group"
+    contrast = {"--recursive-group": config.recursive_group,
+                twin_flag: config.twin_group or config.baseline_group}  # fmt: skip
+    every_group = load_prompt_set(config.prompts, config.bank_version)
+    check_groups(limit_per_group(every_group, config.max_prompts), contrast)
+    prompt_set = every_group.select(contrast.values())
     design = contrast_design(prompt_set, config)
+    lm = load(config, lm, verify=False)
+    grid = build_grid(config, lm.adapter)
     n_tokens = token_counts(lm.tokenizer, [p.text for p in design.prompts])
     check_estimable(design, n_tokens, grid.windows)
     used = PromptSet(design.prompts, prompt_set.source, prompt_set.version, prompt_set.sha256)
+    check_context(used, lm)
+    verify_if_asked(config, lm, used)
 
     def body(run) -> dict:
         record_model_and_prompts(run, lm, used)

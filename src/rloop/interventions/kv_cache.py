@@ -32,6 +32,13 @@ null control) instead replaces the value-projection *activations* at one layer w
 target memory is encoded (so later layers of the memory see them), with the same alignment.
 Captured V of a memory at a mixed layer is the mixed V (what attention reads); other captured
 points of the memory (k, q, resid...) are those of the target's own encoding.
+
+Sliding-window layers (Gemma-3, Mistral with a window, ...) cache only the last ``T < M``
+columns of an ``M``-column memory: decoding never reads the columns before them. Target and
+source memories share one frame of width ``M``, so both caches hold the same last ``T``
+columns and are mixed there, exactly as in a full-attention layer. The captured V of the
+earlier columns (which the R_V windows may still cover) is mixed from the captured V of the
+two encodings with the same weights, so alpha = 1 still gives the source's V at every column.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from rloop.capture.generation import (
     layout_prompts,
     prefill_memory,
 )
-from rloop.capture.trace import address
+from rloop.capture.trace import address, parse_address
 from rloop.errors import ConfigError, UnsupportedArchitectureError
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -135,19 +142,29 @@ def mix_caches(
 ) -> object:
     """Mix ``source`` into ``target`` in place, per row and layer.
 
-    weights: (B, L) alpha of each row at each layer (0 = keep target). source_real: (B, T)
-    bool, columns where the source has a real token; elsewhere the target is kept.
+    weights: (B, L) alpha of each row at each layer (0 = keep target). source_real: (B, M)
+    bool over the M memory columns, True where the source has a real token; elsewhere the
+    target is kept. A layer that caches only the last T < M columns (a sliding-window layer)
+    is mixed on those T columns.
     """
     n_layers = n_cache_layers(target)
     if weights.shape[1] != n_layers:
         raise ConfigError(f"weights cover {weights.shape[1]} layers, the cache has {n_layers}")
-    keep = ~source_real.bool()[:, None, :, None]  # (B, 1, T, 1)
+    keep_memory = ~source_real.bool()[:, None, :, None]  # (B, 1, M, 1)
+    width = keep_memory.shape[2]
     for layer in range(n_layers):
         alpha = weights[:, layer]  # (B,)
         if not bool((alpha != 0).any()):
             continue
         k_t, v_t = cache_layer(target, layer)  # (B, Hkv, T, D)
         k_s, v_s = cache_layer(source, layer)  # (B, Hkv, T, D)
+        cached = k_t.shape[2]
+        if k_s.shape != k_t.shape or cached > width:
+            raise ConfigError(
+                f"layer {layer}: target cache {tuple(k_t.shape)} and source cache "
+                f"{tuple(k_s.shape)} do not cover the same columns of a {width}-column memory"
+            )
+        keep = keep_memory[:, :, width - cached :]  # (B, 1, T, 1): the columns cached
         k = torch.where(keep.to(k_t.device), k_t, mix_tensors(k_t, k_s, alpha))  # (B,Hkv,T,D)
         v = torch.where(keep.to(v_t.device), v_t, mix_tensors(v_t, v_s, alpha))  # (B,Hkv,T,D)
         set_cache_layer(target, layer, k, v)
@@ -195,11 +212,11 @@ def patched_generate(
     grid = _Grid(rows, frames, width, pad_id, device)
     target_layout = grid.layout([row.target for row in rows], frames)
     v_layers = sorted({row.v_patch_layer for row in rows if row.v_patch_layer is not None})
-    sources = _encode_sources(model, adapter, grid, v_layers)
-    cache, memory_captured = _encode_targets(model, adapter, grid, v_layers, sources, capture)
     weights = torch.zeros((len(rows), adapter.n_layers), dtype=torch.float32)  # (B, L)
     for i, row in enumerate(rows):
         weights[i, list(row.kv_layers)] = float(row.alpha)
+    sources = _encode_sources(model, adapter, grid, v_layers, _mixed_v_points(capture, weights))
+    cache, memory_captured = _encode_targets(model, adapter, grid, v_layers, sources, capture)
     if bool((weights != 0).any()) and width > 0:
         _mix_sources(cache, memory_captured, sources, target_layout.memory_mask, weights)
     return decode(
@@ -242,28 +259,44 @@ class _Grid:
         return layout_prompts(list(prompts), self.pad_id, list(frames), self.device, self.width)
 
 
+def _mixed_v_points(capture: Sequence[str], weights: torch.Tensor) -> list[str]:
+    """The captured V addresses at layers some row mixes (weights (B, L) nonzero there)."""
+    points = []
+    for point in capture:
+        parsed = parse_address(point)
+        if parsed.point == "v" and bool((weights[:, parsed.layer] != 0).any()):
+            points.append(str(parsed))
+    return points
+
+
 @dataclass
 class _Sources:
     """The distinct source memories of a grid, each encoded once (S of them)."""
 
     cache: object | None  # KV cache with S rows (None when no row needs a source)
-    values: dict[str, torch.Tensor]  # V at the V-patch layers: address -> (S, M, Hkv, D)
+    # V at the V-patch layers and at the captured mixed layers: address -> (S, M, Hkv, D)
+    values: dict[str, torch.Tensor]
     mask: torch.Tensor | None  # (S, M) memory mask
     index: list[int]  # per grid row: its source's row, -1 when it needs none
     needed: list[bool]  # per grid row: whether it mixes KV or patches V
 
 
 def _encode_sources(
-    model: nn.Module, adapter: Adapter, grid: _Grid, v_layers: Sequence[int]
+    model: nn.Module,
+    adapter: Adapter,
+    grid: _Grid,
+    v_layers: Sequence[int],
+    mixed_v: Sequence[str] = (),
 ) -> _Sources:
-    """Encode every distinct (source, frame) memory once, capturing V at the V-patch layers."""
+    """Encode every distinct (source, frame) memory once, capturing V at the V-patch layers
+    and at the ``mixed_v`` addresses (captured V of mixed layers, see :func:`_mix_sources`)."""
     needed = [bool(row.kv_layers) or row.v_patch_layer is not None for row in grid.rows]
     pairs = zip(grid.rows, grid.frames, needed, strict=True)
     keys = list(dict.fromkeys((row.source, f) for row, f, n in pairs if n))
     cache, values, mask = None, {}, None
     if keys:
         layout = grid.layout([k[0] for k in keys], [k[1] for k in keys])
-        v_points = [address(layer, "v") for layer in v_layers]
+        v_points = list(dict.fromkeys([address(layer, "v") for layer in v_layers] + list(mixed_v)))
         cache, values = prefill_memory(model, adapter, layout, v_points)
         mask = layout.memory_mask  # (S, M)
     pairs = zip(grid.rows, grid.frames, needed, strict=True)
@@ -312,19 +345,28 @@ def _mix_sources(
 ) -> None:
     """Mix each row's source memory into ``cache`` with ``weights`` (B, L), in place, where
     both memories have a real token (target_mask (B, M)); captured V at a mixed layer becomes
-    the mixed V."""
+    the mixed V: what the cache now holds on the columns it caches, and on the columns before
+    a sliding window (not cached) the same mix of the two encodings' captured V."""
     device = target_mask.device
     pick = torch.tensor([max(i, 0) for i in sources.index], device=device)  # (B,)
     has_source = torch.tensor(sources.needed, device=device)[:, None]  # (B, 1)
     both_real = (target_mask != 0) & (sources.mask[pick] != 0) & has_source  # (B, M)
     select_rows(sources.cache, pick)
     mix_caches(cache, sources.cache, weights, both_real)
-    # The memory's V at a mixed layer is what the cache now holds: (B, Hkv, M, D) there.
     for key in memory_captured:
-        layer, point = key.split(".")[1:]
-        if point == "v" and bool((weights[:, int(layer)] != 0).any()):
-            values = cache_layer(cache, int(layer))[1]  # (B, Hkv, M, D)
-            memory_captured[key] = values.transpose(1, 2)  # (B, M, Hkv, D)
+        parsed = parse_address(key)
+        alpha = weights[:, parsed.layer]  # (B,)
+        if parsed.point != "v" or not bool((alpha != 0).any()):
+            continue
+        cached = cache_layer(cache, parsed.layer)[1].transpose(1, 2)  # (B, T, Hkv, D)
+        own = memory_captured[key]  # (B, M, Hkv, D): the target's own V
+        before = own.shape[1] - cached.shape[1]  # columns outside a sliding window
+        if before:
+            source_v = sources.values[key][pick][:, :before]  # (B, before, Hkv, D)
+            mixed = mix_tensors(own[:, :before], source_v.to(own.device), alpha)
+            real = both_real[:, :before, None, None]  # (B, before, 1, 1)
+            cached = torch.cat([torch.where(real, mixed, own[:, :before]), cached], dim=1)
+        memory_captured[key] = cached  # (B, M, Hkv, D)
 
 
 def _frame(row: PatchRow) -> int:

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
+from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 PALETTE = qualitative.Plotly
@@ -62,6 +62,7 @@ DOSE_METRICS = (("r_v_generated", "R_V (generated window)"), ("score", "behaviou
 PROMPT_TEXT_COLUMNS = ("text", "prompt_text", "prompt")
 HOVER_TEXT_MAX = 300
 MAX_STRIP_POINTS = 5000
+MAX_INTEGER_TICKS = 12  # an integer axis (layers) gets at most about this many ticks
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,34 @@ def _numeric(series: pd.Series) -> np.ndarray:
 
 def _colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
+
+
+def colours(n: int) -> list[str]:
+    """``n`` distinct colours, one per line or group: Plotly's 10, Dark24 up to 24 and evenly
+    spaced Turbo hues beyond (so 13 prompt groups never share a colour)."""
+    if n <= len(PALETTE):
+        return list(PALETTE[:n])
+    if n <= len(qualitative.Dark24):
+        return list(qualitative.Dark24[:n])
+    return sample_colorscale("Turbo", [0.05 + 0.9 * i / (n - 1) for i in range(n)])
+
+
+def integer_axis(values: Sequence[float]) -> dict:
+    """Axis settings with ticks at whole numbers only (a layer axis): a step of 1, 2, 5, 10,
+    20, ... chosen so that the range of ``values`` gets at most :data:`MAX_INTEGER_TICKS`."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    span = max(finite) - min(finite) if finite else 0.0
+    step = next(step for step in _nice_steps() if span / step <= MAX_INTEGER_TICKS)
+    return {"tickmode": "linear", "tick0": 0, "dtick": step}
+
+
+def _nice_steps() -> Iterator[int]:
+    """1, 2, 5, 10, 20, 50, 100, ..."""
+    scale = 1
+    while True:
+        for factor in (1, 2, 5):
+            yield factor * scale
+        scale *= 10
 
 
 def _shorten(text: object, limit: int = HOVER_TEXT_MAX) -> str:
@@ -309,6 +338,7 @@ def _pr_profile(
     frame["pr"] = _numeric(frame["pr"])
     frame["layer"] = pd.to_numeric(frame["layer"], errors="coerce")
     fig = go.Figure()
+    palette = colours(frame["group"].nunique())
     for k, (group, sub) in enumerate(frame.groupby("group", sort=True)):
         stats = [
             (layer, *_mean_sem(values["pr"])) for layer, values in sub.groupby("layer", sort=True)
@@ -319,7 +349,7 @@ def _pr_profile(
                 y=[s[1] for s in stats],
                 mode="lines+markers",
                 name=_escape(group),
-                line={"color": _colour(k)},
+                line={"color": palette[k]},
                 marker={"size": 5},
                 customdata=[[format_number(s[2]), s[3]] for s in stats],
                 hovertemplate=(
@@ -340,7 +370,7 @@ def _pr_profile(
     _layout(
         fig,
         f"Participation ratio by layer{_mode_suffix(mode)}",
-        xaxis={"title": {"text": "layer"}},
+        xaxis={"title": {"text": "layer"}, **integer_axis(frame["layer"])},
         yaxis={"title": {"text": "PR (mean over prompts)"}},
     )
     caption = "Click a group in the legend to hide it; double-click to isolate it."
@@ -377,6 +407,7 @@ def r_v_strips(tables: Tables, manifest: Mapping) -> list[Figure]:
             frame = frame.iloc[:MAX_STRIP_POINTS]
         groups = sorted(frame["group"].dropna().unique(), key=str)
         fig = go.Figure()
+        palette = colours(len(groups))
         for k, group in enumerate(groups):
             sub = frame[frame["group"] == group]
             values = _numeric(sub["r_v"])
@@ -397,7 +428,7 @@ def r_v_strips(tables: Tables, manifest: Mapping) -> list[Figure]:
                     y=values[finite],
                     mode="markers",
                     name=_escape(group),
-                    marker={"color": _colour(k), "size": 7, "opacity": 0.75},
+                    marker={"color": palette[k], "size": 7, "opacity": 0.75},
                     text=[h for h, f in zip(hover, finite, strict=True) if f],
                     hovertemplate="%{text}<extra></extra>",
                 )
@@ -478,7 +509,7 @@ def layer_sweep_effects(tables: Tables, manifest: Mapping) -> list[Figure]:
     _layout(
         fig,
         "Effect size by late layer (early layer fixed)",
-        xaxis={"title": {"text": "late layer"}},
+        xaxis={"title": {"text": "late layer"}, **integer_axis(_numeric(sweep["layer_late"]))},
         yaxis={"title": {"text": "Hedges g, recursive vs baseline"}},
     )
     return [
@@ -791,9 +822,11 @@ def _overlay_figure(
     caption: str,
     category_x: bool = False,
 ) -> list[Figure]:
+    """One line per run; an x axis labelled with a layer gets integer ticks."""
     if len(lines) < 2:
         return []
     fig = go.Figure()
+    palette = colours(len(lines))
     for k, (label, x, y, hover) in enumerate(lines):
         fig.add_trace(
             go.Scatter(
@@ -801,7 +834,7 @@ def _overlay_figure(
                 y=list(y),
                 mode="lines+markers",
                 name=label,
-                line={"color": _colour(k)},
+                line={"color": palette[k]},
                 marker={"size": 5},
                 text=list(hover),
                 hovertemplate=f"{label}<br>%{{text}}<extra></extra>",
@@ -810,6 +843,8 @@ def _overlay_figure(
     xaxis: dict = {"title": {"text": xlabel}}
     if category_x:
         xaxis["type"] = "category"
+    elif xlabel.endswith("layer"):
+        xaxis.update(integer_axis([v for _, x, _, _ in lines for v in x]))
     _layout(fig, title, xaxis=xaxis, yaxis={"title": {"text": ylabel}})
     return [Figure(key=key, title=title, caption=caption, figure=fig)]
 

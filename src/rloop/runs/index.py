@@ -177,7 +177,8 @@ def _manifest_problem(run_dir: Path) -> str | None:
     try:
         manifest = read_manifest(run_dir)
     except RunStoreError as err:
-        return str(err).split(": ", 1)[-1]
+        detail = str(err).split(f"{MANIFEST_NAME}: ", 1)[-1]  # the JSON or OS error
+        return f"cannot read {MANIFEST_NAME}: {detail}"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("run_id"), str):
         return f"{MANIFEST_NAME} has no run_id"
     return None

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rloop.runs.layout import atomic_write  # noqa: E402
+from rloop.runs.plots import finish_figure, integer_ticks  # noqa: E402
 
 NEGATIVE_COLOUR = "#1f77b4"
 POSITIVE_COLOUR = "#d62728"
@@ -51,7 +52,9 @@ def specification_curve_plot(
     specs: one row per specification with ``effect``, ``ci_low``, ``ci_high``, the
     ``choices`` columns and optionally ``significant`` (bool) and ``estimable`` (bool; False
     rows are left out). ``highlight``: a ``spec_id`` to mark on the curve (e.g. the
-    reference specification), named ``highlight_label`` in the legend. Raises ValueError when no row has a finite effect.
+    reference specification), named ``highlight_label`` in the legend. Raises ValueError
+    when no row has a finite effect. Ranks are integer ticks; a title wider than the figure
+    is wrapped.
     """
     frame = specs
     if "estimable" in frame.columns:
@@ -116,12 +119,13 @@ def specification_curve_plot(
         extent=(0.5, len(frame) + 0.5, len(levels) - 0.5, -0.5),
     )
     bottom.set_yticks(range(len(levels)), [f"{c} = {v}" for c, v in levels], fontsize=7)
+    integer_ticks(bottom.xaxis)  # ranks (shared with the top panel)
     binned = len(frame) > n_columns
     bottom.set_xlabel(
         "specification (sorted by effect)"
         + ("; grey level: share of the specifications in each rank bin" if binned else "")
     )
-    fig.tight_layout()
+    finish_figure(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
