@@ -89,7 +89,7 @@ def test_statistics_tables_and_layer_sweep() -> None:
     np.testing.assert_allclose(
         sweep.set_index("layer_late").loc[1, "mean_recursive"], l5.mean(), rtol=1e-12
     )
-    assert sweep["best"].sum() == 1
+    assert sweep["post_hoc_best"].sum() == 1
 
 
 def test_short_prompt_rejected_by_name() -> None:

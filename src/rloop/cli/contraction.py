@@ -29,6 +29,7 @@ from rloop.cli.options import (
 )
 from rloop.cli.parsing import parse_names
 from rloop.experiments.contraction import DEFAULT_TWIN_GROUP, ContractionConfig, run_contraction
+from rloop.experiments.nulls import canonical_nulls
 from rloop.experiments.robustness import (
     DEFAULT_POINTS,
     DEFAULT_WINDOWS,
@@ -54,8 +55,18 @@ def contraction(
         ),
         ReadAs(lambda name, _flag: None if name.lower() == "none" else name),
     ] = DEFAULT_TWIN_GROUP,
+    null: Annotated[
+        str | None,
+        typer.Option(
+            "--null",
+            help="Null models of the main contrast, KIND:K comma-separated: random-init:K "
+            "(K random-weight models of the same architecture), token-shuffle:K (K shuffles "
+            "of each prompt's words on this model), e.g. random-init:3,token-shuffle:2.",
+        ),
+        ReadAs(canonical_nulls),
+    ] = None,
     run: RunOptions,
-) -> None:
+) -> dict:
     """R_V per prompt and group, recursive-vs-baseline statistics, layer sweep and plots.
 
     Examples:
@@ -66,7 +77,10 @@ def contraction(
 
       rloop contraction --prompts my_prompts.csv --groups recursive,baseline \\
           --recursive-group recursive --baseline-group baseline --pr-mode whole
+
+      rloop contraction --null random-init:3,token-shuffle:2   # the same contrast on nulls
     """
+    return {"nulls": null}
 
 
 def _joined(values) -> str:

@@ -23,6 +23,16 @@ The experiment design layer (SCIENCE.md §9), from whatever groups the prompt se
 
 A contrast the prompt set cannot support is skipped with a sentence saying why (``notes``),
 never a silent NaN.
+
+Controls of the claim itself:
+
+- ``nulls`` (``--null random-init:K,token-shuffle:K``, :mod:`rloop.experiments.nulls`): the
+  run's main contrast (the main paired contrast, else recursive vs baseline) on K random-init
+  models of the same architecture and on K word shuffles of the prompts, beside the trained
+  model's value (``null_results`` holds their per-prompt R_V); each null is a resume unit.
+- the layer sweep's most negative g is labelled ``post_hoc_best`` (chosen after the fact) and
+  carries its selection-adjusted p (max-statistic permutation over the late layers searched,
+  :func:`rloop.metrics.contrasts.max_statistic_permutation`); it is never a headline layer.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from rloop.errors import ConfigError, PromptError
+from rloop.experiments import nulls as null_models
 from rloop.experiments.runner import (
     PromptBatch,
     execute,
@@ -65,9 +76,11 @@ from rloop.metrics.confounds import (
     prompt_covariates,
 )
 from rloop.metrics.contrasts import (
+    MaxStatisticTest,
     PairedContrast,
     TrendTest,
     contrasts_against_groups,
+    max_statistic_permutation,
     paired_contrast,
     trend_test,
 )
@@ -123,6 +136,20 @@ class ContractionConfig(Settings):
     baseline_group: str = "factual"
     twin_group: str | None = DEFAULT_TWIN_GROUP
     batch_size: int = 16
+    # Null models (rloop.experiments.nulls): ["random-init:K", "token-shuffle:K"]; a comma
+    # string such as "random-init:3,token-shuffle:2" is read into that form.
+    nulls: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.nulls = null_models.canonical_nulls(self.nulls)
+
+    def to_dict(self) -> dict:
+        """The run's identity; ``nulls`` only when there are any, so that runs without nulls
+        keep the config hash (and run directory) they had before nulls existed."""
+        values = super().to_dict()
+        if not values["nulls"]:
+            values.pop("nulls")
+        return values
 
 
 @dataclass(frozen=True)
@@ -172,6 +199,8 @@ class ContractionResult:
     covariate_correlations: pd.DataFrame = field(default_factory=pd.DataFrame)  # cov x mode
     confounds: pd.DataFrame = field(default_factory=pd.DataFrame)  # per mode
     notes: list[str] = field(default_factory=list)  # contrasts skipped, and why
+    nulls: pd.DataFrame = field(default_factory=pd.DataFrame)  # per mode x (trained, null)
+    null_results: pd.DataFrame = field(default_factory=pd.DataFrame)  # per null x prompt x mode
 
 
 # --------------------------------------------------------------------------- design
@@ -279,41 +308,28 @@ def measure_contraction(lm, prompt_set, config: ContractionConfig, run=None) -> 
     early, late, rule = resolve_layers(adapter, config.layers, "--layers")
     check_window(prompt_set, lm.tokenizer, config.window)
     design = resolve_design(prompt_set, config)
+    main = main_contrast(design, config)
+    check_nulls(lm, prompt_set, config, main)
     all_layers = list(range(max(late, adapter.n_layers - 1) + 1))
-
-    def measure(batch: PromptBatch) -> pd.DataFrame:
-        measured = measure_pr(
-            lm.model,
-            adapter,
-            batch.encode(lm),
-            all_layers,
-            config.window,
-            point=config.point,
-            modes=config.pr_modes,
-            reasons=True,
-        )
-        table = measured.table()
-        table.insert(0, "prompt_id", [batch.prompts[i].id for i in table.pop("row")])
-        return table
 
     started = time.perf_counter()
     batches = prompt_batches(lm, list(prompt_set), config.batch_size)
     profile = run_units(
         run,
         batches,
-        measure,
+        lambda batch: _batch_profile(lm, batch, all_layers, config),
         key=lambda b: b.key,
         label="measuring PR",
         weight=lambda b: len(b.prompts),
     )
-    measured = time.perf_counter() - started
     prompts = list(prompt_set)
-
-    meta = pd.DataFrame({"prompt_id": [p.id for p in prompts], "group": [p.group for p in prompts]})
+    meta = _prompt_meta(prompts)
     profile = meta.merge(profile, on="prompt_id", how="inner")
     profile = profile.sort_values(["prompt_id", "pr_mode", "layer"], ignore_index=True)
-
     results = _r_v_rows(profile, early, late, meta)
+    measured = time.perf_counter() - started
+    null_results = _measure_nulls(lm, prompt_set, config, main, (early, late), run)
+    nulls_measured = time.perf_counter() - started - measured
     result = ContractionResult(
         results,
         profile,
@@ -328,8 +344,144 @@ def measure_contraction(lm, prompt_set, config: ContractionConfig, run=None) -> 
     _add_design_tables(
         result, design, covariate_table(prompts, lm.tokenizer, config.window), config
     )
-    result.timings = {"measure_s": measured, "stats_s": time.perf_counter() - started - measured}
+    if config.nulls:
+        result.null_results = null_results
+        result.nulls = _null_comparison_table(results, null_results, main, config)
+    stats_s = time.perf_counter() - started - measured - nulls_measured
+    result.timings = {"measure_s": measured, "nulls_s": nulls_measured, "stats_s": stats_s}
     return result
+
+
+def _batch_profile(lm, batch: PromptBatch, layers: list[int], config: ContractionConfig):
+    """PR of the hook point at ``layers`` for one batch: the rows of
+    :meth:`rloop.interventions.engine.PRMeasurement.table` with the prompt ids."""
+    measured = measure_pr(
+        lm.model,
+        lm.adapter,
+        batch.encode(lm),
+        layers,
+        config.window,
+        point=config.point,
+        modes=config.pr_modes,
+        reasons=True,
+    )
+    table = measured.table()
+    table.insert(0, "prompt_id", [batch.prompts[i].id for i in table.pop("row")])
+    return table
+
+
+def _prompt_meta(prompts: list[Prompt]) -> pd.DataFrame:
+    return pd.DataFrame({"prompt_id": [p.id for p in prompts], "group": [p.group for p in prompts]})
+
+
+# --------------------------------------------------------------------------- null models
+
+
+def main_contrast(design: Design, config: ContractionConfig) -> null_models.MainContrast:
+    """The run's main contrast, the one the nulls repeat: the main paired contrast (recursive
+    vs twin, over its pairs) when the design has one, else recursive vs baseline."""
+    for paired in design.paired:
+        if paired.main:
+            pairs = tuple((rec.id, twin.id) for rec, twin in paired.pairs)
+            return null_models.MainContrast(paired.recursive_group, paired.twin_group, pairs)
+    return null_models.MainContrast(config.recursive_group, config.baseline_group)
+
+
+def check_nulls(
+    lm, prompt_set: PromptSet, config: ContractionConfig, main: null_models.MainContrast
+) -> None:
+    """Before any compute: a random-init null needs a model on one device, and every shuffled
+    prompt still needs ``window`` tokens and must fit the context (shuffling words changes
+    the token count a little). PromptError / ConfigError naming the null otherwise."""
+    units = null_models.null_units(config.nulls, config.seed)
+    if any(unit.kind == null_models.RANDOM_INIT for unit in units):
+        null_models.check_random_init_supported(lm)
+    for unit in units:
+        if unit.kind != null_models.TOKEN_SHUFFLE:
+            continue
+        shuffled = null_models.shuffled_prompt_set(main.prompts(prompt_set), unit.seed)
+        try:
+            check_window(shuffled, lm.tokenizer, config.window)
+            check_context(shuffled, lm)
+        except PromptError as err:
+            raise PromptError(f"--null {unit.label}, words shuffled: {err}") from None
+
+
+def _measure_nulls(
+    lm,
+    prompt_set: PromptSet,
+    config: ContractionConfig,
+    main: null_models.MainContrast,
+    layers: tuple[int, int],
+    run=None,
+) -> pd.DataFrame:
+    """Per-prompt R_V of every null (one resume unit each) on the main contrast's prompts:
+    the rows of :func:`_r_v_rows` with the null's kind, replicate and seed in front."""
+    units = null_models.null_units(config.nulls, config.seed)
+    if not units:
+        return pd.DataFrame()
+    prompts = main.prompts(prompt_set)
+
+    def compute(unit: null_models.NullUnit) -> pd.DataFrame:
+        rows = _null_r_v_rows(lm, prompts, unit, layers, config)
+        if unit.kind == null_models.RANDOM_INIT:
+            null_models.free_memory(lm.device)  # the random copy is dropped with its rows
+        return rows
+
+    return run_units(
+        run, units, compute, key=lambda u: u.key, label="null models",
+        weight=lambda u: len(prompts),
+    )  # fmt: skip
+
+
+def _null_r_v_rows(
+    lm,
+    prompts: PromptSet,
+    unit: null_models.NullUnit,
+    layers: tuple[int, int],
+    config: ContractionConfig,
+) -> pd.DataFrame:
+    """R_V per prompt of one null: a random-init copy of ``lm`` on ``prompts``, or ``lm`` on
+    ``prompts`` with their words shuffled (only the early and late layer are measured)."""
+    if unit.kind == null_models.RANDOM_INIT:
+        null_lm, null_prompts = null_models.random_init_model(lm, unit.seed), prompts
+    else:
+        null_lm, null_prompts = lm, null_models.shuffled_prompt_set(prompts, unit.seed)
+    early, late = layers
+    batches = prompt_batches(null_lm, list(null_prompts), config.batch_size)
+    profile = pd.concat(
+        [_batch_profile(null_lm, batch, [early, late], config) for batch in batches],
+        ignore_index=True,
+    )
+    meta = _prompt_meta(list(null_prompts))
+    rows = _r_v_rows(meta.merge(profile, on="prompt_id"), early, late, meta)
+    rows.insert(0, "seed", unit.seed)
+    rows.insert(0, "replicate", unit.replicate)
+    rows.insert(0, "null", unit.kind)
+    return rows
+
+
+def _null_comparison_table(
+    results: pd.DataFrame,
+    null_results: pd.DataFrame,
+    main: null_models.MainContrast,
+    config: ContractionConfig,
+) -> pd.DataFrame:
+    """The ``nulls`` table: the main contrast on the trained model and on every null, per
+    pr_mode, with the same statistics (:func:`rloop.experiments.nulls.main_contrast_row`)."""
+    stats = dict(n_boot=config.n_boot, n_perm=N_PERM, seed=config.seed)
+    rows = []
+    for mode in config.pr_modes:
+        trained = results[results.pr_mode == mode]
+        head = {"pr_mode": mode, "null": null_models.TRAINED, "replicate": None, "seed": None}
+        rows.append({**head, **null_models.main_contrast_row(trained, main, **stats)})
+        frames = null_results[null_results.pr_mode == mode]
+        for (kind, replicate, seed), frame in frames.groupby(
+            ["null", "replicate", "seed"], sort=False
+        ):
+            head = {"pr_mode": mode, "null": kind, "replicate": replicate, "seed": seed}
+            rows.append({**head, **null_models.main_contrast_row(frame, main, **stats)})
+    return null_models.null_table(rows, main)
 
 
 def _add_design_tables(
@@ -699,18 +851,54 @@ def _layer_sweep(profile: pd.DataFrame, early: int, config: ContractionConfig) -
         )
     sweep = pd.DataFrame(rows)
     if not sweep.empty:
-        sweep["best"] = False
-        for _mode, frame in sweep.groupby("pr_mode"):
-            g = frame["hedges_g"].to_numpy(dtype=float)
-            if np.isfinite(g).any():
-                # Contraction means recursive R_V below baseline: the most negative g.
-                sweep.loc[frame.index[int(np.nanargmin(g))], "best"] = True
+        _mark_post_hoc_best(sweep, profile, early, config)
     return sweep
+
+
+def _mark_post_hoc_best(
+    sweep: pd.DataFrame, profile: pd.DataFrame, early: int, config: ContractionConfig
+) -> None:
+    """Mark the late layer with the most negative g per pr_mode (``post_hoc_best``: chosen
+    after the fact) and give it its selection-adjusted p (``selection_adjusted_p``: the
+    max-statistic permutation test of "the most negative g over every late layer",
+    :func:`rloop.metrics.contrasts.max_statistic_permutation`), next to the permutation p of
+    that layer alone from the same relabellings (``naive_permutation_p``)."""
+    sweep["post_hoc_best"] = False
+    for column in ("selection_adjusted_p", "naive_permutation_p"):
+        sweep[column] = math.nan
+    sweep["n_layers_searched"] = 0
+    for mode, frame in sweep.groupby("pr_mode"):
+        test = _post_hoc_test(profile, early, mode, frame["layer_late"].tolist(), config)
+        sweep.loc[frame.index, "n_layers_searched"] = len(frame)
+        if test.selected_column < 0:
+            continue
+        # Contraction means recursive R_V below baseline: the most negative g.
+        best = frame.index[test.selected_column]
+        sweep.loc[best, "post_hoc_best"] = True
+        sweep.loc[best, "selection_adjusted_p"] = test.adjusted_p
+        sweep.loc[best, "naive_permutation_p"] = test.column_p[test.selected_column]
+
+
+def _post_hoc_test(
+    profile: pd.DataFrame, early: int, mode: str, lates: list[int], config: ContractionConfig
+) -> MaxStatisticTest:
+    """The max-statistic test of min Hedges g over ``lates`` (columns: R_V with that late
+    layer; rows: the recursive and baseline prompts; labels: recursive)."""
+    contrasted = [config.recursive_group, config.baseline_group]
+    frame = profile[(profile.pr_mode == mode) & profile.group.isin(contrasted)]
+    pr = frame.pivot(index="prompt_id", columns="layer", values="pr")  # (prompts, layers)
+    groups = frame.drop_duplicates("prompt_id").set_index("prompt_id")["group"]
+    ratios = r_v(pr[lates].to_numpy(np.float64), pr[[early]].to_numpy(np.float64))
+    labels = (groups.loc[pr.index] == config.recursive_group).to_numpy()
+    return max_statistic_permutation(
+        ratios, labels, statistic="hedges_g", select="min", n_perm=N_PERM, seed=config.seed
+    )
 
 
 def validate_config(config: ContractionConfig) -> None:
     """One-line ConfigErrors for settings that cannot work (before anything is loaded)."""
     check_settings(config)
+    null_models.parse_nulls(config.nulls, "nulls")
     if config.recursive_group == config.baseline_group:
         raise ConfigError(
             f"the recursive and the baseline group are both {config.recursive_group!r}: "
@@ -759,6 +947,7 @@ def report_markdown(result: ContractionResult, config: ContractionConfig, model_
         "",
         *headline_lines(result, config),
         "",
+        *null_section(result),
         "## R_V by group",
         "",
         markdown_table(result.groups),
@@ -773,15 +962,18 @@ def report_markdown(result: ContractionResult, config: ContractionConfig, model_
         ]
     lines += _design_sections(result)
     if not result.layer_sweep.empty:
-        best = result.layer_sweep[result.layer_sweep["best"]]
-        lines += ["## Layer sweep (late layer moved, early fixed)", ""]
-        for row in best.itertuples():
-            lines.append(
-                f"- {row.pr_mode}: strongest contraction at late layer {row.layer_late} "
-                f"(Hedges g {row.hedges_g:.2f}, "
-                f"CI {row.hedges_g_ci_low:.2f}..{row.hedges_g_ci_high:.2f})"
-            )
-        lines.append("")
+        lines += [
+            "## Layer sweep (late layer moved, early fixed; post hoc)",
+            "",
+            "The layer with the most negative g is chosen after seeing the data "
+            "(`post_hoc_best`), so its own p is too small. `selection_adjusted_p` asks how "
+            "often the most negative g over all the late layers searched is as negative when "
+            "the recursive/baseline labels are permuted (max-statistic test, "
+            f"{N_PERM} relabellings); `naive_permutation_p` is that layer's p alone.",
+            "",
+            *[f"- {line}" for line in _post_hoc_lines(result.layer_sweep)],
+            "",
+        ]
     n_nan = int(result.results["r_v"].isna().sum())
     if n_nan:
         lines += [
@@ -793,7 +985,7 @@ def report_markdown(result: ContractionResult, config: ContractionConfig, model_
         "Files: `results.csv/.parquet` (per prompt), `profile.*` (PR per layer), `groups.*`, "
         "`contrasts.*`, `layer_sweep.*`, `paired.*` and `pair_values.*` (minimal pairs), "
         "`controls.*`, `trend.*`, `covariates.*` (per prompt), `covariate_correlations.*`, "
-        "`confounds.*`, `plots/`.",
+        "`confounds.*`, `nulls.*` and `null_results.*` (with --null), `plots/`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -820,6 +1012,67 @@ def headline_lines(result: ContractionResult, config: ContractionConfig) -> list
         confound = result.confounds[result.confounds.pr_mode == mode]
         if not confound.empty:
             lines.append(f"- {mode}: " + _adjusted_sentence(confound.iloc[0]))
+    if not result.nulls.empty:
+        comparisons = null_models.compare_with_nulls(result.nulls)
+        lines += [f"- {null_models.comparison_sentence(c)}" for c in comparisons]
+    if not result.layer_sweep.empty:
+        post_hoc = _post_hoc_lines(result.layer_sweep)
+        lines += [f"- post hoc, not pre-registered: {line}" for line in post_hoc]
+    return lines
+
+
+def _post_hoc_lines(sweep: pd.DataFrame) -> list[str]:
+    """One sentence per pr_mode on the post-hoc best late layer and its adjusted p."""
+    lines = []
+    for row in sweep[sweep["post_hoc_best"]].itertuples():
+        lines.append(
+            f"{row.pr_mode}: late layer {row.layer_late} chosen after the fact as the most "
+            f"negative Hedges g of {row.n_layers_searched} late layers: g {_num(row.hedges_g)} "
+            f"(CI {_num(row.hedges_g_ci_low)}..{_num(row.hedges_g_ci_high)}), naive "
+            f"permutation p {_permutation_p(row.naive_permutation_p)}, selection-adjusted p "
+            f"{_permutation_p(row.selection_adjusted_p)}"
+        )
+    return lines
+
+
+def _permutation_p(p: float) -> str:
+    """A permutation p for prose; at its floor 1 / (1 + N_PERM) it says so."""
+    if math.isfinite(p) and p * (1 + N_PERM) <= 1 + 1e-9:
+        return f"{_num(p)} (the floor: no relabelling of {N_PERM} as extreme)"
+    return _num(p)
+
+
+def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` for Markdown: empty cells instead of None / <NA> in the text and id columns."""
+    shown = table.copy()
+    for column in ("replicate", "seed", "reason"):
+        shown[column] = [
+            "" if value is None or value is pd.NA else value for value in shown[column]
+        ]
+    return shown
+
+
+def null_section(result: ContractionResult) -> list[str]:
+    """The summary.md section on the null models: what each means, the table, the verdicts."""
+    if result.nulls.empty:
+        return []
+    table = result.nulls
+    first = table.iloc[0]
+    kinds = [kind for kind in null_models.NULL_KINDS if kind in set(table["null"])]
+    lines = [
+        f"## Null models: {first.contrast}, {first.effect} (p: {first.p_test})",
+        "",
+        "The same measurement and the same main contrast on models or prompts that lack what "
+        "is claimed. If the trained model's effect lies inside the range of a null, the "
+        "effect is not evidence for that claim.",
+        "",
+        *[f"- **{kind}**: {null_models.NULL_MEANINGS[kind]}" for kind in kinds],
+        "",
+        markdown_table(_blank_missing(table.drop(columns=["contrast", "effect", "p_test"]))),
+        "",
+        *[f"- {null_models.comparison_sentence(c)}" for c in null_models.compare_with_nulls(table)],
+        "",
+    ]
     return lines
 
 
@@ -946,6 +1199,7 @@ def run_contraction(
     early, late, _ = resolve_layers(lm.adapter, config.layers, "--layers")
     check_window(prompt_set, lm.tokenizer, config.window)
     check_context(prompt_set, lm)
+    check_nulls(lm, prompt_set, config, main_contrast(design, config))
     verify_if_asked(config, lm, prompt_set, [early, late])
 
     def body(run) -> dict:
@@ -953,7 +1207,8 @@ def run_contraction(
         result = measure_contraction(lm, prompt_set, config, run=run)
         for name in ("results", "profile", "groups", "contrasts", "layer_sweep", "paired",
                      "pair_values", "controls", "trend", "covariates",
-                     "covariate_correlations", "confounds"):  # fmt: skip
+                     "covariate_correlations", "confounds", "nulls",
+                     "null_results"):  # fmt: skip
             table = getattr(result, name)
             if not table.empty or name in ("results", "profile", "groups"):
                 run.write_table(name, table)
@@ -1003,4 +1258,14 @@ def _headline(result: ContractionResult, config: ContractionConfig) -> dict:
     for row in result.confounds.to_dict(orient="records"):
         mode = row["pr_mode"]
         headline[f"{mode}:adjusted_effect"] = _finite_or_none(row["adjusted_effect"])
+    if not result.nulls.empty:
+        headline.update(null_models.null_headline(result.nulls))
+    if not result.layer_sweep.empty:
+        for row in result.layer_sweep[result.layer_sweep["post_hoc_best"]].to_dict("records"):
+            prefix = f"{row['pr_mode']}:post_hoc_best"
+            headline[f"{prefix}_late_layer"] = int(row["layer_late"])
+            headline[f"{prefix}_hedges_g"] = _finite_or_none(row["hedges_g"])
+            headline[f"{prefix}_selection_adjusted_p"] = _finite_or_none(
+                row["selection_adjusted_p"]
+            )
     return headline

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.stats
 from numpy.typing import ArrayLike
+from scipy.special import gammaln
 
 from rloop.errors import ConfigError
 from rloop.metrics.stats import (
@@ -895,4 +896,234 @@ def cluster_bootstrap_mean(
     low, high = percentile_interval(estimates, ci)
     return ClusterBootstrapCI(
         estimate, low, high, int(v.size), n_dropped, n_clusters, None, ci, n_boot, seed
+    )
+
+
+# ------------------------------------------------------- max-statistic (selection-adjusted) test
+
+MAX_STATISTICS_TWO_GROUP = ("hedges_g", "mean_diff")
+MAX_STATISTICS_PAIRED = ("d_z", "mean_diff")
+MAX_SELECTIONS = ("min", "max", "max_abs")
+
+
+@dataclass(frozen=True)
+class MaxStatisticTest(AsDictMixin):
+    """A statistic chosen as the most extreme of several columns, and its selection-adjusted p.
+
+    ``observed`` holds the statistic of every column (NaN where undefined);
+    ``selected_column`` is the column the selection rule picks (-1 if none is defined) and
+    ``selected_value`` its statistic. ``adjusted_p`` is the share of relabelled data sets
+    whose *selected* statistic (the same rule applied over all columns) is at least as
+    extreme, with the +1 correction; ``column_p`` is each column's own permutation p from the
+    same draws and in the same direction (the naive p of the selected column is
+    ``column_p[selected_column]``). ``n_perm_defined`` draws had a defined selected statistic.
+    """
+
+    statistic: str
+    select: str
+    design: str  # "two-group" (labels permuted) | "paired" (signs of the rows flipped)
+    n_rows: int
+    n_columns: int
+    observed: tuple[float, ...]
+    selected_column: int
+    selected_value: float
+    adjusted_p: float
+    column_p: tuple[float, ...]
+    n_perm: int
+    n_perm_defined: int
+    seed: int
+    reason: str | None
+
+
+def _hedges_factor(df: np.ndarray) -> np.ndarray:
+    """Exact Hedges J(df) elementwise (as :func:`rloop.metrics.stats.hedges_correction`)."""
+    safe = np.where(df >= 2, df, 2.0)
+    factor = np.exp(gammaln(safe / 2) - gammaln((safe - 1) / 2)) / np.sqrt(safe / 2)
+    return np.where(df >= 2, factor, np.nan)
+
+
+def _two_group_columns(
+    weights: np.ndarray, centred: np.ndarray, finite: np.ndarray, statistic: str
+) -> np.ndarray:
+    """The statistic of group 1 (weight 1) vs group 0 per draw and column.
+
+    weights: (B, n) 0/1 group-1 indicators; centred: (n, m) values minus their column mean,
+    0 where not finite; finite: (n, m) 0/1 mask. Returns (B, m), NaN where undefined."""
+    n1 = weights @ finite  # (B, m)
+    n2 = finite.sum(axis=0) - n1
+    s1 = weights @ centred
+    s2 = centred.sum(axis=0) - s1
+    q1 = weights @ (centred**2)
+    q2 = (centred**2).sum(axis=0) - q1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = s1 / n1 - s2 / n2
+        if statistic == "mean_diff":
+            return np.where((n1 >= 1) & (n2 >= 1), diff, np.nan)
+        squares = np.maximum(q1 - s1**2 / n1, 0.0) + np.maximum(q2 - s2**2 / n2, 0.0)
+        pooled = np.sqrt(squares / (n1 + n2 - 2))
+        scale = np.abs(centred).max(axis=0)  # (m,): a pooled sd below rounding is zero
+        defined = (n1 >= 2) & (n2 >= 2) & (pooled > 1e-12 * np.where(scale > 0, scale, 1.0))
+        g = diff / np.where(defined, pooled, 1.0) * _hedges_factor(n1 + n2 - 2)
+    return np.where(defined, g, np.nan)
+
+
+def _paired_columns(
+    signs: np.ndarray, diffs: np.ndarray, finite: np.ndarray, statistic: str
+) -> np.ndarray:
+    """The paired statistic per draw and column: signs (B, n) of +-1, diffs (n, m) with 0
+    where not finite, finite (n, m) 0/1. Returns (B, m), NaN where undefined."""
+    count = finite.sum(axis=0)  # (m,)
+    total = signs @ diffs  # (B, m)
+    squares = (diffs**2).sum(axis=0)  # (m,): unchanged by sign flips
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = total / count
+        if statistic == "mean_diff":
+            return np.where(count >= 1, mean, np.nan)
+        sd = np.sqrt(np.maximum(squares - total**2 / count, 0.0) / (count - 1))
+        scale = np.abs(diffs).max(axis=0)
+        defined = (count >= 2) & (sd > 1e-12 * np.where(scale > 0, scale, 1.0))
+        d_z = mean / np.where(defined, sd, 1.0)
+    return np.where(defined, d_z, np.nan)
+
+
+def _selected(stats: np.ndarray, select: str) -> np.ndarray:
+    """The selection rule over the columns of stats (B, m) -> (B,), oriented as
+    :func:`_direction` (larger is more extreme); NaN where no column is defined."""
+    keyed = _direction(stats, select)
+    defined = np.isfinite(keyed).any(axis=1)
+    best = np.max(np.where(np.isfinite(keyed), keyed, -np.inf), axis=1)
+    return np.where(defined, best, np.nan)
+
+
+def _direction(stats: np.ndarray, select: str) -> np.ndarray:
+    """Column statistics oriented so that larger is more extreme under ``select``."""
+    return -stats if select == "min" else (stats if select == "max" else np.abs(stats))
+
+
+def max_statistic_permutation(
+    values: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    statistic: str = "hedges_g",
+    select: str = "min",
+    n_perm: int = 10_000,
+    seed: int = 0,
+) -> MaxStatisticTest:
+    """Selection-adjusted permutation test of the most extreme of several columns.
+
+    values: (n, m), one row per unit (prompt, or pair) and one column per candidate analysis
+    (e.g. the late layer of R_V) that all share the rows. Two-group design (``labels`` given,
+    (n,) booleans, True = the first group): the statistic of every column is group True vs
+    group False ("hedges_g": Hedges' g with the exact small-sample factor, as
+    :func:`rloop.metrics.stats.hedges_g`; "mean_diff"). Paired design (``labels`` None): the
+    rows are paired differences and the statistic is "d_z" (mean / sd, ddof=1) or
+    "mean_diff". Non-finite values are left out of their column only.
+
+    The selection rule ``select`` ("min": the most negative column, "max", "max_abs") picks
+    one column. Each of ``n_perm`` seeded draws permutes the labels over the rows (two-group)
+    or flips the sign of each row (paired) — the same draw for every column, so the columns'
+    dependence is kept — recomputes every column and applies the same rule. The adjusted p
+    is (1 + #{draws whose selected statistic is at least as extreme as the observed selected
+    statistic}) / (1 + #draws with a defined selected statistic): the p of "the best of m"
+    (Westfall & Young's max-T), valid however the columns are correlated. With no column
+    defined everything is NaN and ``reason`` says why.
+    """
+    check_positive_int(n_perm, "n_perm")
+    check_choice(select, MAX_SELECTIONS, "selection rule")
+    matrix = np.asarray(values, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] < 1 or matrix.shape[1] < 1:
+        raise ConfigError(f"values must be a non-empty (rows, columns) matrix, got {matrix.shape}")
+    finite = np.isfinite(matrix).astype(np.float64)  # (n, m)
+    n, m = matrix.shape
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        design = "paired"
+        check_choice(statistic, MAX_STATISTICS_PAIRED, "paired statistic")
+        diffs = np.where(finite > 0, matrix, 0.0)
+
+        def columns(signs: np.ndarray) -> np.ndarray:
+            return _paired_columns(signs, diffs, finite, statistic)
+
+        observed_draw = np.ones((1, n))
+
+        def draws(size: int) -> np.ndarray:
+            return rng.choice(np.array([-1.0, 1.0]), size=(size, n))  # (size, n)
+
+    else:
+        design = "two-group"
+        check_choice(statistic, MAX_STATISTICS_TWO_GROUP, "two-group statistic")
+        group = np.asarray(labels)
+        if group.shape != (n,) or group.dtype != bool:
+            raise ConfigError(f"labels must be ({n},) booleans, got {group.dtype} {group.shape}")
+        kept = np.where(finite > 0, matrix, 0.0)
+        column_mean = kept.sum(axis=0) / np.maximum(finite.sum(axis=0), 1.0)  # (m,)
+        centred = np.where(finite > 0, matrix - column_mean, 0.0)
+
+        def columns(weights: np.ndarray) -> np.ndarray:
+            return _two_group_columns(weights, centred, finite, statistic)
+
+        observed_draw = group[None, :].astype(np.float64)
+
+        def draws(size: int) -> np.ndarray:
+            return rng.permuted(np.tile(observed_draw, (size, 1)), axis=1)  # (size, n)
+
+    observed = columns(observed_draw)[0]  # (m,)
+    return _max_statistic_result(
+        observed, columns, draws, statistic, select, design, n, n_perm, seed
+    )
+
+
+def _max_statistic_result(
+    observed: np.ndarray,
+    columns: Callable[[np.ndarray], np.ndarray],
+    draws: Callable[[int], np.ndarray],
+    statistic: str,
+    select: str,
+    design: str,
+    n: int,
+    n_perm: int,
+    seed: int,
+) -> MaxStatisticTest:
+    """Run the draws of :func:`max_statistic_permutation` and count the extreme ones."""
+    m = observed.size
+    head = dict(statistic=statistic, select=select, design=design, n_rows=n, n_columns=m)
+    if not np.isfinite(observed).any():
+        nan_columns = (math.nan,) * m
+        return MaxStatisticTest(
+            **head, observed=tuple(float(v) for v in observed), selected_column=-1,
+            selected_value=math.nan, adjusted_p=math.nan, column_p=nan_columns,
+            n_perm=n_perm, n_perm_defined=0, seed=seed,
+            reason="no column has a defined statistic (too few finite rows or no spread)",
+        )  # fmt: skip
+    oriented = _direction(observed, select)  # (m,)
+    column = int(np.nanargmax(oriented))
+    best = float(oriented[column])
+    tolerance = 1e-10 * max(1.0, abs(best))  # the same arrangement recomputed rounds alike
+    extreme, defined = 0, 0
+    column_extreme = np.zeros(m)
+    column_defined = np.zeros(m)
+    column_tolerance = 1e-10 * np.maximum(1.0, np.abs(oriented))  # (m,)
+    for _, size in _chunks(n_perm):
+        stats = columns(draws(size))  # (size, m)
+        selected = _selected(stats, select)  # (size,)
+        defined += int(np.isfinite(selected).sum())
+        extreme += int((selected >= best - tolerance).sum())
+        per_column = _direction(stats, select)
+        column_defined += np.isfinite(per_column).sum(axis=0)
+        column_extreme += (per_column >= oriented - column_tolerance).sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        column_p = np.where(
+            np.isfinite(oriented), (1 + column_extreme) / (1 + column_defined), np.nan
+        )
+    return MaxStatisticTest(
+        **head,
+        observed=tuple(float(v) for v in observed),
+        selected_column=column,
+        selected_value=float(observed[column]),
+        adjusted_p=(1 + extreme) / (1 + defined),
+        column_p=tuple(float(p) for p in column_p),
+        n_perm=n_perm,
+        n_perm_defined=defined,
+        seed=seed,
+        reason=None,
     )
