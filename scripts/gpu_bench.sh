@@ -167,7 +167,7 @@ for name in "${stages[@]}"; do
         "$work/tiny-llama" tiny-llama "$device"
     if [[ -d $work/tiny-llama ]]; then
       export DEVICE=$device DTYPE=$dtype
-      stage smoke 200 "$OUT/smoke.txt" scripts/gpu_smoke.sh "$work/tiny-llama" "$work/smoke-runs"
+      stage smoke 260 "$OUT/smoke.txt" scripts/gpu_smoke.sh "$work/tiny-llama" "$work/smoke-runs"
     fi
     for f in "$work/smoke-model.log" "$work"/smoke-runs/*.log; do
       [[ -e $f ]] && { echo "=== $f"; tail -n 30 "$f"; }

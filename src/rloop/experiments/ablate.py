@@ -27,7 +27,7 @@ from scipy import stats as sps
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError, RunStoreError
-from rloop.experiments.runner import execute, record_model_and_prompts, run_units
+from rloop.experiments.runner import execute, record_model_and_prompts, run_identity, run_units
 from rloop.experiments.settings import (
     RVSettings,
     check_context,
@@ -374,7 +374,14 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
         )
         return _sweep_headline(summaries, agreement, floors, modes, seconds)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT,
+        run_identity(config, measure_layers=[early, late]),
+        lm.name,
+        out,
+        body,
+        force=force,
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

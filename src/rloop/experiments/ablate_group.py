@@ -37,7 +37,7 @@ from rloop.experiments.ablate import (
     top_heads_of_sweep,
 )
 from rloop.experiments.ablate import validate_config as check_modes
-from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_units
+from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_identity, run_units
 from rloop.experiments.settings import RVSettings, load_prompt_set, load_reference, prepare
 from rloop.interventions.edits import HeadList, check_head_list, parse_heads
 from rloop.interventions.engine import head_set_r_v, measure_r_v
@@ -203,7 +203,14 @@ def run_group_ablation(config: GroupAblationConfig, out=None, force: bool = Fals
         run.update_manifest(timings={"ablation_s": seconds})
         return _headline(summary, len(heads), modes)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT,
+        run_identity(config, measure_layers=[early, late]),
+        lm.name,
+        out,
+        body,
+        force=force,
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

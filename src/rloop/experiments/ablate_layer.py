@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rloop.errors import ConfigError
-from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_units
+from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_identity, run_units
 from rloop.experiments.settings import RVSettings, load_reference, prepare, reference_means
 from rloop.interventions.edits import check_ablation_mode, layer_ablation_edits
 from rloop.interventions.engine import measure_r_v
@@ -115,7 +115,14 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
             else f"L{int(biggest['layer'])} {biggest['component']}",
         }
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT,
+        run_identity(config, measure_layers=[early, late]),
+        lm.name,
+        out,
+        body,
+        force=force,
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

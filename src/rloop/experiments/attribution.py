@@ -14,7 +14,7 @@ import pandas as pd
 
 from rloop.errors import ConfigError
 from rloop.experiments.ablate import read_sweep, sweep_table
-from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_units
+from rloop.experiments.runner import encode_prompts, execute, record_inputs, run_identity, run_units
 from rloop.experiments.saliency import gradient_tables, per_head_rows, plot_head_heatmap
 from rloop.experiments.settings import (
     RVSettings,
@@ -127,7 +127,14 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
             "exact_seconds": exact_s,
         }
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT,
+        run_identity(config, measure_layers=[early, late]),
+        lm.name,
+        out,
+        body,
+        force=force,
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

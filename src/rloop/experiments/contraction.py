@@ -53,6 +53,7 @@ from rloop.experiments.runner import (
     execute,
     prompt_batches,
     record_model_and_prompts,
+    run_identity,
     run_units,
 )
 from rloop.experiments.settings import (
@@ -1230,7 +1231,9 @@ def run_contraction(
         )
         return _headline(result, config)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

@@ -35,7 +35,13 @@ from rloop.behavior import score_texts
 from rloop.capture.generation import GenerationResult, SamplingConfig, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
+from rloop.experiments.runner import (
+    execute,
+    model_manifest,
+    prompts_manifest,
+    run_identity,
+    run_units,
+)
 from rloop.experiments.settings import (
     MIN_GROUP_SIZE,
     GenerationSettings,
@@ -718,5 +724,7 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
             head[f"{row.condition}:{row.metric}:transfer_pct"] = row.transfer_pct
         return head
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline

@@ -43,7 +43,7 @@ from rloop.adapters import HEAD_POINTS
 from rloop.capture.batching import encode
 from rloop.capture.trace import EditFn, Trace, address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.runner import execute, record_inputs, run_units
+from rloop.experiments.runner import execute, record_inputs, run_identity, run_units
 from rloop.experiments.settings import RVSettings, prepare
 from rloop.interventions.edits import PatchSpec, parse_heads
 from rloop.interventions.engine import measure_pr, measure_r_v
@@ -368,7 +368,14 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
             **({"note": reason} if reason else {}),
         }
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT,
+        run_identity(config, measure_layers=[early, late]),
+        lm.name,
+        out,
+        body,
+        force=force,
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

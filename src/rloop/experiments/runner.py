@@ -90,6 +90,19 @@ def record_inputs(run: Run, prepared: Prepared, **extra: object) -> None:
     )
 
 
+def run_identity(config, **resolved: object) -> dict:
+    """The config that names a run (its hash picks the run directory): ``config.to_dict()``
+    with the settings resolved against the model (e.g. ``measure_layers=[early, late]`` from
+    the depth rule) written as their values. So the default and the same values given
+    explicitly (``--layers 5,25`` on a 30-layer model) are one run, reused, not two."""
+    values = config.to_dict()
+    for name, value in resolved.items():
+        if name not in values:
+            raise KeyError(f"{type(config).__name__} has no setting {name!r}")
+        values[name] = list(value) if isinstance(value, tuple) else value
+    return values
+
+
 def execute(
     experiment: str,
     config: dict,

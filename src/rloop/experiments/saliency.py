@@ -23,7 +23,7 @@ import pandas as pd
 
 from rloop.capture.batching import encode
 from rloop.errors import ConfigError
-from rloop.experiments.runner import execute, record_inputs, run_units
+from rloop.experiments.runner import execute, record_inputs, run_identity, run_units
 from rloop.experiments.settings import RVSettings, layer_list, prepare
 from rloop.interventions.gradients import head_gradients
 from rloop.runs import plots as plotting
@@ -147,7 +147,14 @@ def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None)
             "gradients_seconds": seconds,
         }
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT,
+        run_identity(config, measure_layers=[early, late]),
+        lm.name,
+        out,
+        body,
+        force=force,
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

@@ -46,7 +46,7 @@ from rloop.capture.generation import (
 )
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, PromptError
-from rloop.experiments.runner import execute, record_inputs, run_units, token_budget
+from rloop.experiments.runner import execute, record_inputs, run_identity, run_units, token_budget
 from rloop.experiments.settings import GenerationSettings, prepare
 from rloop.experiments.subspace import capture_windows
 from rloop.interventions.engine import check_mode_for_point, windows_pr, windows_r_v
@@ -458,7 +458,9 @@ def run_steer(config: SteerConfig, out=None, force: bool = False, lm=None):
             grid[column] = scores[column].to_numpy()
         return _report(run, config, prepared, layer, rule, direction, grid, len(chunks))
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 

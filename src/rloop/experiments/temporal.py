@@ -17,7 +17,13 @@ import pandas as pd
 
 from rloop.capture.generation import generate, pad_id_of, tokenize_rows
 from rloop.capture.trace import address
-from rloop.experiments.runner import execute, model_manifest, prompts_manifest, run_units
+from rloop.experiments.runner import (
+    execute,
+    model_manifest,
+    prompts_manifest,
+    run_identity,
+    run_units,
+)
 from rloop.experiments.settings import (
     GenerationSettings,
     check_context,
@@ -174,7 +180,9 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
             head[f"{row.group}:step{row.step}"] = row.mean
         return head
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
+    outcome = execute(
+        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
+    )
     return outcome.run_dir, outcome.already_complete, outcome.headline
 
 
