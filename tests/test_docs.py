@@ -56,6 +56,16 @@ def test_mkdocs_build_is_strict_clean(tmp_path) -> None:
         assert f'id="{verb}"' in api, verb
     for command in _commands():
         assert (site / "commands" / command / "index.html").is_file(), command
+    # Sphinx roles in docstrings render as code or links, never literally (":func:`x`")
+    for page in (site / "api").rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r":(func|class|meth|mod|attr|data|exc|obj):(<code>|`)", text), page
+    configs = (site / "api" / "configs" / "index.html").read_text(encoding="utf-8")
+    assert re.search(
+        r'<a class="autorefs autorefs-internal"[^>]*href="#rloop\.experiments\.settings\.Settings">'
+        r"<code>Settings</code></a>",
+        configs,
+    )  # :class:`Settings` in a config docstring links to the Settings entry on the same page
 
 
 def test_every_command_has_a_page_with_a_small_figure() -> None:
@@ -76,3 +86,35 @@ def test_every_command_has_a_page_with_a_small_figure() -> None:
             assert path.stat().st_size < MAX_FIGURE_BYTES, f"{path} is over 200 KB"
         assert f"commands/{command}.md" in nav, f"{command} is not in the mkdocs nav"
         assert f"({command}.md)" in index, f"{command} is not listed in commands/index.md"
+
+
+def _roles_extension():
+    spec = importlib.util.spec_from_file_location(
+        "griffe_sphinx_roles", DOCS / "griffe_sphinx_roles.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("griffe") is None, reason="griffe (mkdocstrings[python]) is missing"
+)
+def test_sphinx_roles_become_optional_references_resolved_in_scope() -> None:
+    import griffe
+
+    roles = _roles_extension()
+    module = griffe.load("rloop.metrics.participation", search_paths=[str(ROOT / "src")])
+    text = (
+        "See :func:`window_pr`, :class:`~rloop.prompts.PromptSet`, :mod:`rloop.metrics.stats` "
+        "and :data:`NOT_A_NAME`; ``code`` stays."
+    )
+    assert roles.rewrite_roles(text, module["window_pr"]) == (
+        'See <autoref identifier="rloop.metrics.participation.window_pr" optional>'
+        "<code>window_pr()</code></autoref>, "
+        '<autoref identifier="rloop.prompts.PromptSet" optional><code>PromptSet</code></autoref>, '
+        '<autoref identifier="rloop.metrics.stats" optional><code>rloop.metrics.stats</code>'
+        "</autoref> and "
+        '<autoref identifier="NOT_A_NAME" optional><code>NOT_A_NAME</code></autoref>; '
+        "``code`` stays."
+    )

@@ -196,6 +196,44 @@ def test_hook_z_flag_and_dtype_override_survive_loading(tmp_path):
         SparseAutoencoder(4, 8, reshape_activations="heads")
 
 
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize(
+    ("architecture", "kwargs"),
+    [
+        ("standard", {}),
+        ("topk", {"k": 3}),
+        ("topk", {"k": 2, "rescale_acts_by_decoder_norm": True}),
+        ("jumprelu", {}),
+    ],
+)
+def test_sae_lens_loads_an_rloop_saved_sae_and_agrees(tmp_path, architecture, kwargs, apply_b_dec):
+    """The `sae` extra: SAELens itself reads a directory rloop wrote, and its encode/decode
+    give rloop's numbers (the independent reference for the format and the activations)."""
+    sae_lens = pytest.importorskip(
+        "sae_lens",
+        reason="sae-lens is not installed (the optional extra: pip install 'rloop[sae]'); "
+        "rloop reads and writes the format itself",
+    )
+    sae = _random_sae(
+        architecture,
+        d_in=12,
+        d_sae=20,
+        apply_b_dec_to_input=apply_b_dec,
+        hook_name="blocks.1.hook_resid_post",
+        model_name="tiny",
+        **kwargs,
+    )
+    save_sae(sae, tmp_path / "sae")
+    reference = sae_lens.SAE.load_from_disk(tmp_path / "sae", device="cpu")
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = sae.encode(x), reference.encode(x)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+        assert torch.equal(theirs != 0, ours != 0)  # the same features fire
+        torch.testing.assert_close(reference.decode(ours), sae.decode(ours), atol=1e-5, rtol=1e-5)
+    assert reference.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+
+
 def _write_sae_dir(path, cfg: dict, tensors: dict) -> None:
     path.mkdir(parents=True)
     (path / "cfg.json").write_text(json.dumps(cfg))

@@ -846,3 +846,21 @@ def test_compare_overlays_one_line_per_run():
     assert [t.name for t in heads.data] == ["run0", "run1", "run2"]
     assert list(heads.data[0].x) == ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1", "L1H2"]
     assert list(by_key["compare-spec-curve"].figure.data[1].y) == sorted(spec_curve_table().effect)
+
+
+def test_runs_with_their_own_reports_still_get_plotly_once(tmp_path):
+    """Each run's report.html is self-contained (plotly.js inlined, so it opens alone, e.g.
+    mailed to a collaborator); the site never copies those reports: plotly.js is in the site
+    once, in assets/."""
+    from rloop.runs.site import write_run_report
+
+    made = make_store(tmp_path / "runs")
+    complete = [p for p in made["root"].iterdir() if (p / "manifest.json").is_file()]
+    reports = [write_run_report(p) for p in complete]
+    plotly_head = plotly.offline.get_plotlyjs()[:200]
+    assert sum(plotly_head in r.read_text(encoding="utf-8") for r in reports) >= 2
+    out = build_site(made["root"], tmp_path / "site").parent
+    head = plotly_head.encode("utf-8")
+    carrying = [p for p in out.rglob("*") if p.is_file() and head in p.read_bytes()]
+    assert carrying == [out / "assets" / "plotly.min.js"]
+    assert not list(out.rglob("report.html"))

@@ -377,3 +377,25 @@ def test_run_table_sorts_numbers_numerically(site, browser):
     box.send_keys("natural_source")
     rows = browser.find_elements(By.CSS_SELECTOR, "#table-generations-data tbody tr")
     assert sum(r.is_displayed() for r in rows) == 3
+
+
+@pytest.mark.parametrize("width", [1300, 1400])
+def test_index_run_list_fits_the_page_without_clipping(site, browser, width):
+    """At laptop widths the run list wraps instead of scrolling sideways: no column (the
+    headline one was clipped at 1300 px) lies outside its box, and its table does not scroll."""
+    browser.set_window_size(width, 1000)
+    try:
+        _open(browser, (site / "index.html").as_uri())
+        state = browser.execute_script(
+            "var box = document.getElementById('runs').parentElement;"
+            "var right = box.getBoundingClientRect().right;"
+            "var cells = Array.from(document.querySelectorAll('#runs th, #runs td'));"
+            "return {scroll: box.scrollWidth, client: box.clientWidth,"
+            " outside: cells.filter(c => c.getBoundingClientRect().right > right + 1)"
+            "   .map(c => c.textContent.trim().slice(0, 40)),"
+            " headline_cells: document.querySelectorAll('#runs td.headline').length};"
+        )
+    finally:
+        browser.set_window_size(1400, 1000)
+    assert state["headline_cells"] == 10
+    assert state["outside"] == [] and state["scroll"] <= state["client"], state

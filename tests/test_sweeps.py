@@ -5,6 +5,7 @@ with only the unfinished jobs, and eviction deletes exactly the measured checkpo
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from rloop.errors import ConfigError, ModelLoadError
+from rloop.experiments.contraction import ContractionConfig
 from rloop.experiments.sweeps import (
     CheckpointConfig,
     ContractionSettings,
@@ -24,6 +26,7 @@ from rloop.experiments.sweeps import (
     run_scaling,
     step_of,
 )
+from rloop.runs.site import load_run
 from tests.tiny_models import VOCAB, tiny_model
 
 
@@ -144,6 +147,17 @@ def test_checkpoint_sweep_records_failure_and_evicts(tmp_path) -> None:
     assert not any(d.exists() for d in dirs) and broken.exists()
     assert (run_dir / "plots" / "checkpoints.png").stat().st_size > 0
     assert outcome.headline["n_failed"] == 1
+    # The sweep run goes through the runner: it has its report and names what was swept.
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["model"]["name"] == "ck" and manifest["model"]["path"] == str(tmp_path / "ck")
+    assert manifest["model"]["checkpoints"] == ["step0", "step2000", "step1000", "step5000"]
+    record = load_run(run_dir)
+    assert record.model == "ck" and record.status == "complete"
+    report = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "<strong>ck</strong>" in report and 'id="table-checkpoints-data"' in report
+    for child in jobs["run_dir"]:  # each measured checkpoint's own report is linked
+        assert (Path(child) / "report.html").is_file()
+        assert f'href="jobs/{Path(child).name}/report.html"' in report
 
 
 def test_interrupted_sweep_resumes_with_unfinished_jobs(tmp_path, monkeypatch) -> None:
@@ -169,6 +183,10 @@ def test_interrupted_sweep_resumes_with_unfinished_jobs(tmp_path, monkeypatch) -
         assert row.n_params == sum(p.numel() for p in model.parameters())
     again = run_scaling(config, out=tmp_path / "sweep", loader=load_local)
     assert again.already_complete
+    model = json.loads((outcome.run_dir / "manifest.json").read_text())["model"]
+    assert model["models"] == [str(d) for d in dirs]
+    assert load_run(outcome.run_dir).model == ", ".join(str(d) for d in dirs)
+    assert (outcome.run_dir / "report.html").is_file()
 
 
 def test_scaling_with_gain_writes_h25_outputs(tmp_path) -> None:
@@ -225,6 +243,12 @@ def test_unknown_revision_is_recorded_and_sweep_continues(tmp_path) -> None:
     assert pd.read_csv(outcome.run_dir / "checkpoints.csv")["revision"].unique().tolist() == [
         "step0"
     ]
+    model = json.loads((outcome.run_dir / "manifest.json").read_text())["model"]
+    assert (model["name"], model["revision"]) == (str(ckpt), "step0, step999")
+
+
+def test_sweeps_default_to_the_contraction_prompt_bank() -> None:
+    assert ContractionSettings().bank_version == ContractionConfig().bank_version == "v2"
 
 
 def test_evict_hub_revision_deletes_only_that_snapshot(tmp_path) -> None:

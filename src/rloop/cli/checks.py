@@ -65,6 +65,9 @@ def subspace(
     ] = None,
     point: Point = "v",
     k: Annotated[int, typer.Option(help="Top directions per group.")] = 8,
+    readout_top_n: Annotated[
+        int, typer.Option(help="Tokens per direction and sign in the logit-lens read-out.")
+    ] = 10,
     contrast: ContrastOptions,
     layers: Layers = None,
     window: Window = 16,
@@ -82,7 +85,7 @@ def subspace(
 
       rloop subspace --k 8
 
-      rloop subspace --point resid_post --layer 20 --layers 10-29
+      rloop subspace --point resid_post --layer 20 --layers 10-29 --readout-top-n 20
     """
 
 

@@ -12,11 +12,14 @@ recorded result without loading the model, so a checkpoint that was measured and
 taken from the record and not needed on disk again.
 
 Everything the jobs share (settings, prompts, the contrasted groups and their sizes) is
-checked once, before the sweep run directory is created.
+checked once, before the sweep run directory is created. The sweep run itself goes through
+:func:`rloop.experiments.runner.execute` like every experiment (complete or failed, headline,
+``report.html``); its manifest's ``model`` names the swept model(s) and checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -45,6 +48,7 @@ from rloop.experiments.gain import (
     rho_gain_correlations,
     run_gain,
 )
+from rloop.experiments.runner import execute
 from rloop.experiments.settings import (
     check_groups,
     check_point_name,
@@ -53,6 +57,7 @@ from rloop.experiments.settings import (
 )
 from rloop.interventions.engine import check_mode_for_point
 from rloop.models.architecture import count_parameters
+from rloop.prompts import DEFAULT_BANK_VERSION
 from rloop.runs import Run, default_run_dir, runs_root
 from rloop.runs import plots as plotting
 from rloop.runs.layout import atomic_write_text, config_hash, one_line_error, read_manifest
@@ -73,7 +78,7 @@ class ContractionSettings:
     """The contraction settings every job of a sweep uses (see ContractionConfig)."""
 
     prompts: str | None = None
-    bank_version: str = "v1"
+    bank_version: str = DEFAULT_BANK_VERSION  # as contraction (v2); "v1" stays loadable
     groups: list[str] | None = None
     layers: list[int] | None = None
     window: int = 16
@@ -443,8 +448,7 @@ def _run_sweep(
     executor,
     loader: Callable | None,
 ) -> SweepOutcome:
-    import functools
-
+    """Validate, plan the jobs, then run the sweep run through the runner (see the module)."""
     _validate_settings(settings)
     run_dir = (
         Path(out)
@@ -454,54 +458,93 @@ def _run_sweep(
     run_dir = run_dir.expanduser().absolute()
     jobs = make_jobs(run_dir)  # validates the lists before anything is written
     executor = executor or LocalExecutor()
-    with Run.open(run_dir, experiment=experiment, config=config_dict, resume=not force) as run:
-        if run.already_complete and not force:
-            return SweepOutcome(run.path, True, run.manifest.get("headline", {}))
-        started = time.time()
-        done = run.finished_keys()
-        todo = [job for job in jobs if job.key not in done]
-        run.update_manifest(
-            sweep={
-                "n_jobs": len(jobs),
-                "executor": executor.name,
-                "resumed_with_done": len(jobs) - len(todo),
-            }  # fmt: skip
-        )
 
-        def on_result(job: SweepJob, result: JobResult) -> None:
-            if result.status == "done":
-                for name, rows in result.tables.items():
-                    run.save_partial(f"{job.key}.{name}", pd.DataFrame(rows))
-            row = {k: v for k, v in asdict(result).items() if k != "tables"}
-            row["evicted"] = "; ".join(result.evicted)
-            row.update(model=job.model, revision=job.revision, label=job.label, step=job.step,
-                       experiment=job.experiment)  # fmt: skip
-            if result.status == "done":
-                run.save_partial(job.key, pd.DataFrame([row]))
-            else:
-                failures = [f for f in run.manifest.get("failures", []) if f["key"] != job.key]
-                run.update_manifest(failures=[*failures, row])
+    def body(run: Run) -> dict:
+        run.set_model(sweep_model_record(experiment, config_dict, jobs))
+        return _sweep_body(run, jobs, executor, loader, write_outputs)
 
-        executor.run(todo, functools.partial(run_job, loader=loader), on_result, failed_result)
-        keys = run.finished_keys()
-        finished = [job for job in jobs if job.key in keys]
-        failures = [f for f in run.manifest.get("failures", []) if f["key"] not in keys]
-        run.update_manifest(failures=failures)
-        if not finished:
-            raise RloopError(
-                "every job failed: " + "; ".join(f"{f['label']}: {f['error']}" for f in failures)
-            )
-        status = _load(run, [job.key for job in finished])
-        tables = {
-            name: _load(run, [f"{j.key}.{name}" for j in finished], job_frame=finished)
-            for name in ("contrasts", "groups", "models", "curves")
+    outcome = execute(experiment, config_dict, label, run_dir, body, force=force)
+    return SweepOutcome(outcome.run_dir, outcome.already_complete, outcome.headline)
+
+
+def sweep_model_record(experiment: str, config_dict: dict, jobs: list[SweepJob]) -> dict:
+    """The sweep manifest's ``model``: what the site index and ``rloop runs list`` show.
+
+    scaling: the models, comma-separated (``models`` lists them). checkpoints: the hub id
+    with its revisions, or for local checkpoint directories the directory holding them
+    (``path``); ``checkpoints`` lists the checkpoint labels in sweep order.
+    """
+    if experiment == SCALING:
+        models = [job.model for job in jobs if job.experiment == "contraction"]
+        return {
+            "name": ", ".join(models),
+            "models": models,
+            "revision": config_dict.get("revision"),
+            "source": "sweep",
         }
-        failed = pd.DataFrame(failures, columns=["key", "label", "model", "revision", "error"])
-        headline = write_outputs(run, status, tables, failed)
-        headline.update(n_jobs=len(jobs), n_failed=len(failed))
-        run.update_manifest(headline=headline, wall_seconds=time.time() - started)
-        run.complete()
-    return SweepOutcome(run_dir, False, headline)
+    labels = [job.label for job in jobs]
+    if config_dict.get("revisions"):
+        return {
+            "name": config_dict.get("model"),
+            "revision": ", ".join(config_dict["revisions"]),
+            "checkpoints": labels,
+            "source": "hub",
+        }
+    parents = {str(Path(job.model).parent) for job in jobs}
+    parent = parents.pop() if len(parents) == 1 else None
+    return {
+        "name": Path(parent).name if parent else ", ".join(labels),
+        "path": parent,
+        "revision": None,
+        "checkpoints": labels,
+        "source": "local",
+    }
+
+
+def _sweep_body(run: Run, jobs: list[SweepJob], executor, loader, write_outputs) -> dict:
+    """Run the unfinished jobs, record each result, write the sweep's tables; the headline."""
+    done = run.finished_keys()
+    todo = [job for job in jobs if job.key not in done]
+    run.update_manifest(
+        sweep={
+            "n_jobs": len(jobs),
+            "executor": executor.name,
+            "resumed_with_done": len(jobs) - len(todo),
+        }  # fmt: skip
+    )
+
+    def on_result(job: SweepJob, result: JobResult) -> None:
+        if result.status == "done":
+            for name, rows in result.tables.items():
+                run.save_partial(f"{job.key}.{name}", pd.DataFrame(rows))
+        row = {k: v for k, v in asdict(result).items() if k != "tables"}
+        row["evicted"] = "; ".join(result.evicted)
+        row.update(model=job.model, revision=job.revision, label=job.label, step=job.step,
+                   experiment=job.experiment)  # fmt: skip
+        if result.status == "done":
+            run.save_partial(job.key, pd.DataFrame([row]))
+        else:
+            failures = [f for f in run.manifest.get("failures", []) if f["key"] != job.key]
+            run.update_manifest(failures=[*failures, row])
+
+    executor.run(todo, functools.partial(run_job, loader=loader), on_result, failed_result)
+    keys = run.finished_keys()
+    finished = [job for job in jobs if job.key in keys]
+    failures = [f for f in run.manifest.get("failures", []) if f["key"] not in keys]
+    run.update_manifest(failures=failures)
+    if not finished:
+        raise RloopError(
+            "every job failed: " + "; ".join(f"{f['label']}: {f['error']}" for f in failures)
+        )
+    status = _load(run, [job.key for job in finished])
+    tables = {
+        name: _load(run, [f"{j.key}.{name}" for j in finished], job_frame=finished)
+        for name in ("contrasts", "groups", "models", "curves")
+    }
+    failed = pd.DataFrame(failures, columns=["key", "label", "model", "revision", "error"])
+    headline = write_outputs(run, status, tables, failed)
+    headline.update(n_jobs=len(jobs), n_failed=len(failed))
+    return headline
 
 
 def _load(run, keys: list[str], job_frame: list[SweepJob] | None = None) -> pd.DataFrame:
@@ -691,7 +734,11 @@ def _write_checkpoints(run, status, tables, failed, config: CheckpointConfig) ->
     if not groups.empty:
         run.write_table("groups", groups.drop(columns=["job_model"]))
     headline: dict = {}
-    lines = ["# Checkpoint sweep", "", f"Model: {config.model or 'local checkpoint directories'}"]
+    where = (run.manifest.get("model") or {}).get("path")
+    local = (
+        f"local checkpoint directories in `{where}`" if where else "local checkpoint directories"
+    )
+    lines = ["# Checkpoint sweep", "", f"Model: {config.model or local}"]
     if not table.empty:
         run.write_table("checkpoints", table)
         plot_checkpoints(table, groups, run.plot_path("checkpoints"))

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +52,7 @@ STATIC_ASSETS = ("site.css", "site.js")
 SITE_MARKER = ".rloop-site.json"
 REPORT_NAME = "report.html"
 SUMMARY_NAME = "summary.md"
+CHILD_RUNS_DIR = "jobs"  # a sweep's child runs, one per job (rloop.experiments.sweeps)
 
 MAX_TABLE_ROWS = 500  # rows shown per table on a page; the CSV link has them all
 MAX_CELL_CHARS = 200
@@ -114,7 +115,15 @@ class RunRecord:
 
     @property
     def model(self) -> str:
-        return str(self._model_setting("name", "model") or "unknown")
+        """The manifest's model name, else the config's ``model``, else its ``models`` (a run
+        over several models, e.g. ``gain``), comma-separated; "unknown" if none."""
+        name = self._model_setting("name", "model")
+        if not name:
+            config = (self.manifest or {}).get("config")
+            models = config.get("models") if isinstance(config, dict) else None
+            if isinstance(models, list) and models:
+                name = ", ".join(str(m) for m in models)
+        return str(name or "unknown")
 
     @property
     def revision(self) -> str:
@@ -454,6 +463,32 @@ class _PageLinks:
     data: str  # prefix of the run's copied files, e.g. "<page_id>/"
     compare: str | None = None
     inline_assets: dict | None = None  # stand-alone report: asset contents inlined
+    child_href: Callable[[Path], str | None] | None = None  # a child run's page, if any
+
+
+def _child_runs(run_dir: Path, href: Callable[[Path], str | None] | None) -> list[dict]:
+    """The child runs under ``<run_dir>/jobs/`` (a sweep's jobs): name, run id, experiment,
+    model, status (from each manifest, "corrupted" if unreadable) and the link to its page."""
+    root = run_dir / CHILD_RUNS_DIR
+    if not root.is_dir():
+        return []
+    children = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        manifest, problem = _read_manifest_safely(path)
+        child = RunRecord(path, manifest, str((manifest or {}).get("status") or SHOW_CORRUPTED))
+        children.append(
+            {
+                "name": path.name,
+                "id": child.run_id,
+                "experiment": child.experiment,
+                "model": child.model,
+                "revision": child.revision,
+                "status": child.status,
+                "problem": problem,
+                "href": href(path) if href is not None else None,
+            }
+        )
+    return children
 
 
 def _run_context(record: RunRecord, links: _PageLinks, csv_hrefs: dict[str, str | None]) -> dict:
@@ -488,6 +523,7 @@ def _run_context(record: RunRecord, links: _PageLinks, csv_hrefs: dict[str, str 
                 for t in record.tables
             ],
             "manifest_rows": _manifest_rows(record.manifest),
+            "children": _child_runs(record.run_dir, links.child_href),
             "manifest_href": f"{links.data}{MANIFEST_NAME}"
             if (record.run_dir / MANIFEST_NAME).is_file()
             else None,
@@ -719,8 +755,9 @@ def build_site(runs_dir: Path, out_dir: Path, run_ids: list[str] | None = None) 
     env = _environment()
     keep: set[Path] = set()
     compare_hrefs = _write_compare_pages(env, out_dir, records, keep)
+    pages = {r.run_dir.resolve(): f"{r.page_id}.html" for r in records}
     for record in records:
-        _write_run_page(env, out_dir, record, compare_hrefs.get(record.experiment), keep)
+        _write_run_page(env, out_dir, record, compare_hrefs.get(record.experiment), keep, pages)
     index = _write_index(env, out_dir, runs_dir, records, compare_hrefs)
     _remove_stale(out_dir, keep)
     return index
@@ -769,9 +806,11 @@ def _write_run_page(
     record: RunRecord,
     compare: str | None,
     keep: set[Path],
+    pages: dict[Path, str],
 ) -> None:
-    """The run's page and its copied files (``compare``: its compare page, from the index);
-    a page that cannot render becomes an error page and marks the run partial."""
+    """The run's page and its copied files (``compare``: its compare page, from the index;
+    ``pages``: run directory -> page, for links to child runs); a page that cannot render
+    becomes an error page and marks the run partial."""
     data_dir = out_dir / "runs" / record.page_id
     page = out_dir / "runs" / f"{record.page_id}.html"
     links = _PageLinks(
@@ -779,6 +818,7 @@ def _write_run_page(
         index="../index.html",
         data=f"{record.page_id}/",
         compare=f"../{compare}" if compare else None,
+        child_href=lambda path: pages.get(path.resolve()),
     )
     try:
         csv_names = _copy_run_files(record, data_dir)
@@ -839,13 +879,22 @@ def write_run_report(run_dir: Path) -> Path:
             for name in STATIC_ASSETS
         },
     }
-    links = _PageLinks(assets="", index=None, data="", inline_assets=inline)
+    links = _PageLinks(
+        assets="", index=None, data="", inline_assets=inline, child_href=_child_report_href
+    )
     hrefs = {t.name: t.csv_path.name if t.csv_path is not None else None for t in record.tables}
     env = _environment()
     html = env.get_template("run.html.j2").render(**_run_context(record, links, hrefs))
     target = run_dir / REPORT_NAME
     layout.atomic_write_text(target, html)
     return target
+
+
+def _child_report_href(child_dir: Path) -> str | None:
+    """A child run's ``report.html``, relative to the parent's report (None if it has none)."""
+    if not (child_dir / REPORT_NAME).is_file():
+        return None
+    return f"{CHILD_RUNS_DIR}/{child_dir.name}/{REPORT_NAME}"
 
 
 def write_run_report_safely(run_dir: Path) -> str | None:

@@ -22,7 +22,10 @@ and using such an SAE without them would give plausible but wrong features.
 Why not the ``sae-lens`` package itself: it installs beside torch 2.13 without replacing it,
 but pulls in about 45 other packages (transformer-lens, datasets, wandb, plotly, nltk, ...)
 for what is, at inference, four tensors and three activation functions. rloop reads and
-writes the same files itself; the format facts come from the sae-lens 6.54 source.
+writes the same files itself; the format facts come from the sae-lens 6.54 source. The
+optional extra ``rloop[sae]`` installs sae-lens; nothing here imports it, and with it
+installed the test suite checks that sae-lens loads what :func:`save_sae` writes and encodes
+and decodes it as :class:`SparseAutoencoder` does.
 """
 
 from __future__ import annotations
