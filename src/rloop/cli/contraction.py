@@ -46,6 +46,7 @@ def contraction(
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
     measure: ContractionOptions,
+    max_prompts: MaxPrompts = 0,
     contrast: ContrastOptions,
     twin_group: Annotated[
         str,
