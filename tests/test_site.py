@@ -864,3 +864,23 @@ def test_runs_with_their_own_reports_still_get_plotly_once(tmp_path):
     carrying = [p for p in out.rglob("*") if p.is_file() and head in p.read_bytes()]
     assert carrying == [out / "assets" / "plotly.min.js"]
     assert not list(out.rglob("report.html"))
+
+
+def test_a_steer_generations_table_is_not_taken_for_a_kv_grid():
+    """rloop steer's generations (kinds none/direction/random) get no KV dose-response figure
+    and no 'skipped' note; a KV grid with one alpha still gets the note."""
+    steer = pd.DataFrame(
+        {
+            "kind": ["none", "direction", "direction", "random"],
+            "alpha": [0.0, 1.0, 2.0, 1.0],
+            "r_v_generated": [0.9, 0.8, 0.7, 0.9],
+        }
+    )
+    assert dose_responses({"generations": steer}, {}) == []
+    _, notes = run_figures({"generations": steer}, {})
+    assert not [n for n in notes if n.startswith("dose-response")]
+    kv = steer.assign(
+        kind=["natural_target", "kv", "kv", "natural_source"], alpha=[None, 1, 1, None]
+    )
+    _, notes = run_figures({"generations": kv}, {})
+    assert any("fewer than two alpha values" in n for n in notes)

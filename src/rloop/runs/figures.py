@@ -548,14 +548,20 @@ def _dose_correlation(table: pd.DataFrame | None, metric: str, ranges: Sequence[
     return text
 
 
+# Condition kinds of a KV-mixing grid (kv-patch, validate) besides the mixed "kv" rows.
+KV_NATURAL_KINDS = ("natural_target", "natural_source")
+
+
 def dose_responses(tables: Tables, manifest: Mapping) -> list[Figure]:
     """Mean R_V of the generated window and behaviour score against the KV mixing weight
     alpha (one line per layer range), with the natural target and source levels dashed."""
     grid = tables.get("generations")
     if grid is None:
         return []
-    metrics = [(m, label) for m, label in DOSE_METRICS if m in grid.columns]
     _need(grid, "generations", ("kind", "alpha"))
+    if not grid["kind"].isin(("kv", *KV_NATURAL_KINDS)).any():
+        return []  # not a KV-mixing grid (e.g. rloop steer's generations): nothing to skip
+    metrics = [(m, label) for m, label in DOSE_METRICS if m in grid.columns]
     if not metrics:
         raise SkipFigure("table generations has neither r_v_generated nor score")
     kv = grid[grid["kind"] == "kv"].copy()
