@@ -8,6 +8,19 @@ them (:mod:`rloop.sae.train`) and saves it in the SAELens format inside the run 
 honest ones. A few tens of thousands of tokens is a small-scale tool for this prompt
 distribution, not a general dictionary of the model's features; the summary says so.
 
+An interrupted ``rloop sae train`` resumes. Each prompt batch's activations are a checkpoint of
+the shared runner (:func:`rloop.experiments.runner.run_units`): one row per prompt with its
+activations flattened into a float32 array column, which parquet stores as IEEE single floats,
+so they read back bit for bit in one fixed schema whatever the hook point's width (float32
+columns would round-trip too, but one per dimension: thousands of columns, a different schema
+per point). While it runs the collection holds about n_tokens x d x 4 bytes in ``partial/``.
+Every :data:`CHECKPOINT_EVERY` steps and after the last the training saves its whole state
+(SAE parameters, Adam moments, step, the batch order's generator state, the loss log so far) as
+one file, ``partial/sae-training-state.pt``, replaced atomically, so the state and the loss log
+always belong together; a rerun continues from the last saved step and, on the CPU with the same
+thread count, ends with the SAE an uninterrupted run gives, bit for bit. ``partial/`` is
+removed when the run completes.
+
 ``rloop sae features --sae DIR`` encodes the last W real tokens of every recursive and baseline
 (or twin) prompt with an SAE in the SAELens format, checks that its d_in matches the hook point,
 and reports the features whose mean activation differs between the groups (bootstrap CI over
@@ -15,6 +28,9 @@ prompts, Welch or Mann-Whitney p, Benjamini-Hochberg across features), the promp
 where the top features fire most, and how much of the contracted subspace (the top-k
 directions of the recursive windows at the same hook point, as ``rloop subspace`` finds them)
 the decoder directions of the top-n differential features span, against random feature sets.
+It keeps no resume checkpoints: a run takes seconds (about 11 s on the embedded model) and its
+per-batch state, the raw windows at the hook point, is larger than its tables, so an
+interrupted run is simply run again.
 """
 
 from __future__ import annotations
@@ -22,8 +38,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import pickle
 import re
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +53,13 @@ from rloop.capture.generation import SamplingConfig, generate, pad_id_of, tokeni
 from rloop.capture.trace import Trace, address
 from rloop.errors import ConfigError, PromptError
 from rloop.experiments.runner import (
+    PromptBatch,
     execute,
     model_manifest,
     prompt_batches,
     prompts_manifest,
     record_inputs,
+    run_units,
 )
 from rloop.experiments.settings import Settings, check_settings, load, load_prompt_set, prepare
 from rloop.experiments.subspace import capture_windows, point_width
@@ -46,6 +67,8 @@ from rloop.interventions.engine import resolve_layers
 from rloop.metrics.subspace import top_directions
 from rloop.progress import progress_bar
 from rloop.prompts import PromptSet, bank_versions, load_bank
+from rloop.runs import Run
+from rloop.runs.layout import atomic_write, now_iso
 from rloop.runs.markdown import markdown_table, model_line
 from rloop.runs.plots import _save, plt
 from rloop.sae import (
@@ -57,14 +80,16 @@ from rloop.sae import (
     load_sae,
     save_sae,
     top_activating,
-    train_sae,
 )
 from rloop.sae.features import DIFFERENTIAL_TESTS
-from rloop.sae.train import TRAIN_ARCHITECTURES
+from rloop.sae.train import TRAIN_ARCHITECTURES, SAETrainer
 
 TRAIN_EXPERIMENT = "sae-train"
 FEATURES_EXPERIMENT = "sae-features"
 SAE_DIRNAME = "sae"
+CHECKPOINT_EVERY = 500  # SAE training steps between saved training states
+TRAINING_STATE = "sae-training-state.pt"  # in partial/, removed when the run completes
+LOG_EVERY = 50  # training steps between loss log rows
 # SAELens / TransformerLens hook names -> rloop points (blocks.L.<name>)
 _HOOK_NAMES = {
     "hook_resid_pre": "resid_pre",
@@ -158,40 +183,71 @@ def _real_rows(values: torch.Tensor, mask: torch.Tensor, skip: int) -> list[torc
     return [flat[b][mask[b].bool()][skip:].float().cpu() for b in range(flat.shape[0])]
 
 
-def collect_activations(lm, prompts, layer: int, point: str, config: SAETrainConfig):
-    """Activations (n_i, d) of every prompt (and its continuation) at ``point``, by prompt
-    index; and the number of generated tokens included."""
-    found: list[torch.Tensor | None] = [None] * len(prompts)
+def _batch_key(batch: PromptBatch) -> str:
+    """Checkpoint key of a prompt batch: its number and a digest of its prompts' positions (a
+    batch planned differently in a later session is computed again, not mistaken for it)."""
+    digest = hashlib.sha256(",".join(map(str, batch.indices)).encode()).hexdigest()[:8]
+    return f"activations-{batch.number:05d}-{digest}"
+
+
+def batch_activations(lm, batch: PromptBatch, layer: int, point: str, config: SAETrainConfig):
+    """One row per prompt of ``batch``: its position in the prompt list, its activations
+    (n_rows, width) at ``point`` flattened row-major into a float32 array, and the number of
+    sampled continuation tokens among them."""
     point_address = address(layer, point)
-    n_generated = 0
-    with progress_bar("collecting activations", total=len(prompts)) as advance:
-        for batch in prompt_batches(lm, prompts, config.batch_size):
-            if config.continuation_tokens:
-                rows = tokenize_rows(lm.tokenizer, [p.text for p in batch.prompts])
-                result = generate(
-                    lm.model,
-                    lm.adapter,
-                    rows,
-                    _sampling(config),
-                    [point_address],
-                    pad_id_of(lm.tokenizer),
-                    None,
-                )
-                values, mask = result.captured[point_address], result.attention_mask
-                n_generated += int(result.new_tokens.numel())
-            else:
-                encoded = batch.encode(lm)
-                with (
-                    torch.no_grad(),
-                    Trace(lm.model, lm.adapter, [point_address], stop_after_layer=layer) as tr,
-                ):
-                    lm.model(**encoded.model_inputs(), use_cache=False)
-                values, mask = tr[point_address], encoded.model_inputs()["attention_mask"]
-            real = _real_rows(values, mask, config.skip_first)
-            for i, rows_i in zip(batch.indices, real, strict=True):
-                found[i] = rows_i
-            advance(len(batch.prompts))
-    return found, n_generated
+    if config.continuation_tokens:
+        rows = tokenize_rows(lm.tokenizer, [p.text for p in batch.prompts])
+        result = generate(
+            lm.model,
+            lm.adapter,
+            rows,
+            _sampling(config),
+            [point_address],
+            pad_id_of(lm.tokenizer),
+            None,
+        )
+        values, mask = result.captured[point_address], result.attention_mask
+        n_generated = int(result.new_tokens.shape[1])  # per prompt
+    else:
+        encoded = batch.encode(lm)
+        with (
+            torch.no_grad(),
+            Trace(lm.model, lm.adapter, [point_address], stop_after_layer=layer) as tr,
+        ):
+            lm.model(**encoded.model_inputs(), use_cache=False)
+        values, mask = tr[point_address], encoded.model_inputs()["attention_mask"]
+        n_generated = 0
+    real = _real_rows(values, mask, config.skip_first)  # (n_b, width) per prompt
+    return pd.DataFrame(
+        {
+            "prompt_index": batch.indices,
+            "n_rows": [rows_b.shape[0] for rows_b in real],
+            "width": [rows_b.shape[1] for rows_b in real],
+            "n_generated": n_generated,
+            "activations": [rows_b.numpy().reshape(-1) for rows_b in real],
+        }
+    )
+
+
+def collect_activations(
+    lm, prompts, layer: int, point: str, config: SAETrainConfig, run: Run | None = None
+):
+    """Activations (n_i, d) float32 of every prompt (and its continuation) at ``point``, by
+    prompt index; and the number of generated tokens included. With ``run`` each prompt batch
+    is a resume checkpoint: a rerun computes only the batches not saved yet."""
+    frame = run_units(
+        run,
+        prompt_batches(lm, prompts, config.batch_size),
+        lambda batch: batch_activations(lm, batch, layer, point, config),
+        _batch_key,
+        "collecting activations",
+        weight=lambda batch: len(batch.prompts),
+    )
+    found: list[torch.Tensor | None] = [None] * len(prompts)
+    for row in frame.itertuples(index=False):
+        values = np.array(row.activations, dtype=np.float32).reshape(row.n_rows, row.width)
+        found[row.prompt_index] = torch.from_numpy(values)  # (n_i, d)
+    return found, int(frame["n_generated"].sum())
 
 
 def _split_prompts(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
@@ -209,32 +265,83 @@ def _stack(rows: list[torch.Tensor], index: list[int]) -> torch.Tensor:
     return torch.cat([rows[i] for i in index] + [torch.empty(0, width)])  # (N, d)
 
 
-def fit_sae(x_train: torch.Tensor, config: SAETrainConfig, hook: str, model_name: str):
+def _trainer(x_train: torch.Tensor, config: SAETrainConfig, hook: str, model_name: str):
+    return SAETrainer(
+        x_train,
+        config.d_sae,
+        config.architecture,
+        k=config.k if config.architecture == "topk" else None,
+        l1=config.l1,
+        steps=config.steps,
+        lr=config.lr,
+        batch_size=config.train_batch_size,
+        seed=config.seed,
+        holdout_fraction=0.0,
+        hook_name=hook,
+        model_name=model_name,
+    )
+
+
+def _save_training(run: Run, trainer: SAETrainer, losses: list[dict]) -> None:
+    """The training state and the loss log so far, as one file replaced atomically."""
+    path = run.partial_dir / TRAINING_STATE
+    run.partial_dir.mkdir(exist_ok=True)
+    state = {"trainer": trainer.state_dict(), "losses": losses}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    run.update_manifest(heartbeat=now_iso())
+
+
+def _restored_trainer(
+    run: Run | None, build: Callable[[], SAETrainer]
+) -> tuple[SAETrainer, list[dict]]:
+    """(a trainer from ``build``, its loss log so far), continuing the state an interrupted
+    session saved in ``run`` if there is one; a state that cannot be restored is warned
+    about and the training starts from step 0."""
+    trainer = build()
+    path = run.partial_dir / TRAINING_STATE if run is not None else None
+    if path is None or not path.exists():
+        return trainer, []
+    try:
+        state = torch.load(path, weights_only=True)
+        trainer.load_state_dict(state["trainer"])
+        losses = [{"step": int(row["step"]), "loss": float(row["loss"])} for row in state["losses"]]
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        warnings.warn(
+            f"cannot continue the SAE training from {path} ({err}); training from step 0",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return build(), []  # a fresh one: the failed restore may have changed some tensors
+    return trainer, losses
+
+
+def fit_sae(
+    x_train: torch.Tensor,
+    config: SAETrainConfig,
+    hook: str,
+    model_name: str,
+    run: Run | None = None,
+):
     """Train the SAE of ``config`` on rows (N, d_in) with a progress bar: (sae, training
-    metrics, loss every 50 steps as records)."""
-    losses: list[dict] = []
-    with progress_bar("training the SAE", total=config.steps) as advance:
+    metrics, loss every 50 steps as records). With ``run`` the state is saved every
+    :data:`CHECKPOINT_EVERY` steps and after the last, and an interrupted training continues
+    from the last save (the bar starts at the steps already done)."""
+    trainer, losses = _restored_trainer(run, lambda: _trainer(x_train, config, hook, model_name))
+    shown = [trainer.step]
+    with progress_bar("training the SAE", total=trainer.n_steps) as advance:
+        advance(trainer.step)
 
         def progress(step: int, n_steps: int, loss: float) -> None:
-            advance(step - (losses[-1]["step"] if losses else 0))
+            advance(step - shown[0])
+            shown[0] = step
             losses.append({"step": step, "loss": loss})
 
-        sae, trained = train_sae(
-            x_train,
-            config.d_sae,
-            config.architecture,
-            k=config.k if config.architecture == "topk" else None,
-            l1=config.l1,
-            steps=config.steps,
-            lr=config.lr,
-            batch_size=config.train_batch_size,
-            seed=config.seed,
-            holdout_fraction=0.0,
-            progress=progress,
-            log_every=50,
-            hook_name=hook,
-            model_name=model_name,
-        )
+        while trainer.step < trainer.n_steps:
+            next_save = (trainer.step // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
+            trainer.run(next_save, progress, LOG_EVERY)
+            if run is not None:  # also after the last step: a crash in the tables keeps it
+                _save_training(run, trainer, losses)
+    sae, trained = trainer.result()
     return sae, trained, losses
 
 
@@ -254,12 +361,13 @@ def run_sae_train(config: SAETrainConfig, out=None, force: bool = False, lm=None
         run.set_model(model_manifest(lm))
         run.set_prompts(prompts_manifest(prompt_set, lm.tokenizer))
         started = time.perf_counter()
-        rows, n_generated = collect_activations(lm, prompts, layer, config.point, config)
+        rows, n_generated = collect_activations(lm, prompts, layer, config.point, config, run)
         x_train, x_held = _stack(rows, train_index), _stack(rows, held_index)
         if x_train.shape[0] < 2:
             raise PromptError(f"only {x_train.shape[0]} training tokens: pass more prompts")
         collected = time.perf_counter()
-        sae, trained, losses = fit_sae(x_train, config, address(layer, config.point), lm.name)
+        hook = address(layer, config.point)
+        sae, trained, losses = fit_sae(x_train, config, hook, lm.name, run)
         seconds = {"collect_s": collected - started, "train_s": time.perf_counter() - collected}
         sae_dir = save_sae(sae, run.path / SAE_DIRNAME)
         splits = {"train": x_train, "heldout_prompts": x_held, "all": torch.cat([x_train, x_held])}

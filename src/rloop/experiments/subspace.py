@@ -20,6 +20,10 @@ scale invariant up to eps) and unembedded; the tokens with the highest logits ar
 +u and -u (singular vectors have no sign). The unembedding's bias, where a family has one,
 is left out: it does not depend on the direction. q and k are not written into the residual
 and get no read-out.
+
+A run keeps no resume checkpoints: it is short (about 100 s on the embedded model) and its
+per-batch state, the raw activation windows at every relay layer, is far larger than its
+tables, so an interrupted run is simply run again.
 """
 
 from __future__ import annotations

@@ -17,14 +17,17 @@ Recipe (TopK after Gao et al. 2024; ReLU + L1 after Bricken et al. 2023 / Conerl
   usual norm-weighted L1).
 
 Everything is seeded with one ``torch.Generator``: the same activations, settings and seed give
-the same SAE (on the same machine and thread count).
+the same SAE (on the same machine and thread count). :class:`SAETrainer` runs the steps in
+pieces: its ``state_dict`` (parameters, Adam moments, step, the batch order's generator state
+and position in the epoch, the last losses) restored into a freshly built trainer continues the
+run so that the final SAE is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -97,12 +100,35 @@ def _n_steps(steps: int | None, epochs: int | None, n_train: int, batch_size: in
     return _check_positive_int(steps if steps is not None else DEFAULT_STEPS, "steps")
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless minibatch indices: a fresh permutation of range(n) per epoch."""
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+class _BatchOrder:
+    """Minibatch indices (batch_size,): a fresh permutation of range(n) per epoch, cut into
+    whole batches (the rest of an epoch is dropped); its state can be saved and restored."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order: torch.Tensor | None = None  # (n,) this epoch's permutation
+        self.position = 0  # rows of ``order`` already used
+
+    def next(self) -> torch.Tensor:
+        if self.order is None or self.position + self.batch_size > self.n:
+            self.order = torch.randperm(self.n, generator=self.generator)  # (n,)
+            self.position = 0
+        batch = self.order[self.position : self.position + self.batch_size]  # (batch_size,)
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        order = self.order if self.order is not None else torch.empty(0, dtype=torch.int64)
+        return {
+            "generator": self.generator.get_state(),
+            "order": order.clone(),
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].clone() if state["order"].numel() else None
+        self.position = int(state["position"])
 
 
 @torch.no_grad()
@@ -160,62 +186,177 @@ def train_sae(
     metrics: :func:`evaluate_sae` on the held-out slice (``holdout_fraction`` of the rows, at
     least one; on the training rows if it is 0, and ``evaluated_on`` says which), plus
     final_loss (mean training loss over the last 50 steps, normalised units), the input scale
-    s, n_train, n_holdout, n_steps and the settings.
+    s, n_train, n_holdout, n_steps and the settings. :class:`SAETrainer` does the same in
+    resumable pieces.
     """
-    _check_train_settings(architecture, k, l1, lr, b_dec_init, holdout_fraction)
-    _check_positive_int(d_sae, "d_sae")
-    _check_positive_int(batch_size, "batch_size")
     _check_positive_int(log_every, "log_every")
-    x_all = _check_activations(activations)  # (n, d_in)
-    d_in = x_all.shape[1]
-    if architecture == "topk" and k is None:
-        raise ConfigError("a topk SAE needs k (the number of active features per row)")
-
-    generator = torch.Generator().manual_seed(seed)
-    holdout, x_train = _split_holdout(x_all, holdout_fraction, generator)
-    n_train, n_holdout = x_train.shape[0], holdout.shape[0]
-    batch_size = min(batch_size, n_train)
-    n_steps = _n_steps(steps, epochs, n_train, batch_size)
-
-    sae = SparseAutoencoder(
-        d_in=d_in,
-        d_sae=d_sae,
-        architecture=ARCHITECTURE_TOPK if architecture == "topk" else ARCHITECTURE_STANDARD,
-        k=k if architecture == "topk" else None,
+    trainer = SAETrainer(
+        activations,
+        d_sae,
+        architecture,
+        k=k,
+        l1=l1,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        holdout_fraction=holdout_fraction,
+        b_dec_init=b_dec_init,
+        normalize=normalize,
         hook_name=hook_name,
         model_name=model_name,
-        metadata={"trained_with": "rloop.sae.train_sae", "seed": seed},
     )
-    scale, centre = _input_scale_and_centre(x_train, normalize, b_dec_init, generator)
-    _initialise(sae, centre, scale, generator)
-    z_train = x_train * scale  # (n_train, d_in) normalised units
-    sae.requires_grad_(True)
-    schedule = _Schedule(n_steps, batch_size, lr, log_every, progress)
-    l1_weight = l1 if architecture == "relu" else None
-    recent_losses = _optimise(sae, z_train, l1_weight, schedule, generator)
-    _fold_scale(sae, scale)
+    trainer.run(progress=progress, log_every=log_every)
+    return trainer.result()
 
-    metrics = evaluate_sae(sae, holdout if n_holdout else x_train)
-    metrics.update(
-        {
-            "evaluated_on": "holdout" if n_holdout else "train",
-            "final_loss": float(np.mean(recent_losses)),
-            "input_scale": scale,
-            "n_train": n_train,
-            "n_holdout": n_holdout,
-            "n_steps": n_steps,
+
+class SAETrainer:
+    """The training of :func:`train_sae` (same arguments, same result), run in pieces.
+
+    Building it checks the settings, splits the rows, computes the input scale and b_dec and
+    initialises the SAE and Adam (all seeded). :meth:`run` takes the steps up to a given one;
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore everything the remaining
+    steps depend on; :meth:`result` folds the scale back and evaluates the finished SAE.
+    """
+
+    def __init__(
+        self,
+        activations,
+        d_sae: int,
+        architecture: str = "topk",
+        k: int | None = None,
+        l1: float = 1.0,
+        steps: int | None = None,
+        epochs: int | None = None,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        seed: int = 0,
+        holdout_fraction: float = 0.1,
+        b_dec_init: str = "geometric_median",
+        normalize: bool = True,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        _check_train_settings(architecture, k, l1, lr, b_dec_init, holdout_fraction)
+        _check_positive_int(d_sae, "d_sae")
+        _check_positive_int(batch_size, "batch_size")
+        x_all = _check_activations(activations)  # (n, d_in)
+        if architecture == "topk" and k is None:
+            raise ConfigError("a topk SAE needs k (the number of active features per row)")
+        generator = torch.Generator().manual_seed(seed)
+        self.holdout, x_train = _split_holdout(x_all, holdout_fraction, generator)
+        n_train = x_train.shape[0]
+        batch_size = min(batch_size, n_train)
+        self.n_steps = _n_steps(steps, epochs, n_train, batch_size)
+        self.sae = SparseAutoencoder(
+            d_in=x_all.shape[1],
+            d_sae=d_sae,
+            architecture=ARCHITECTURE_TOPK if architecture == "topk" else ARCHITECTURE_STANDARD,
+            k=k if architecture == "topk" else None,
+            hook_name=hook_name,
+            model_name=model_name,
+            metadata={"trained_with": "rloop.sae.train_sae", "seed": seed},
+        )
+        self.scale, centre = _input_scale_and_centre(x_train, normalize, b_dec_init, generator)
+        _initialise(self.sae, centre, self.scale, generator)
+        self.x_train = x_train  # (n_train, d_in) raw units
+        self.z_train = x_train * self.scale  # (n_train, d_in) normalised units
+        self.sae.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=lr)
+        self.batches = _BatchOrder(n_train, batch_size, generator)
+        self.l1 = l1 if architecture == "relu" else None
+        self.step = 0  # steps taken
+        self.recent_losses: list[float] = []  # the last _FINAL_LOSS_STEPS training losses
+        self.settings = {
             "architecture": architecture,
-            "d_in": d_in,
+            "d_in": x_all.shape[1],
             "d_sae": d_sae,
             "k": k if architecture == "topk" else None,
-            "l1": l1_weight,
+            "l1": self.l1,
             "lr": lr,
             "batch_size": batch_size,
             "b_dec_init": b_dec_init,
             "seed": seed,
         }
-    )
-    return sae, metrics
+
+    def run(
+        self,
+        until: int | None = None,
+        progress: ProgressCallback | None = None,
+        log_every: int = 100,
+    ) -> None:
+        """Take the steps after :attr:`step` up to ``until`` (default: all ``n_steps``);
+        ``progress(step, n_steps, loss)`` every ``log_every`` steps and at the last step."""
+        until = self.n_steps if until is None else min(until, self.n_steps)
+        for step in range(self.step + 1, until + 1):
+            batch = self.z_train[self.batches.next()]  # (B, d_in)
+            loss_value = _adam_step(self.sae, self.optimizer, batch, self.l1)
+            if not math.isfinite(loss_value):
+                raise ConfigError(
+                    f"SAE training diverged at step {step} (loss {loss_value}): lower lr "
+                    f"(now {self.settings['lr']})"
+                )
+            self.recent_losses = [*self.recent_losses, loss_value][-_FINAL_LOSS_STEPS:]
+            self.step = step
+            if progress is not None and (step % log_every == 0 or step == self.n_steps):
+                progress(step, self.n_steps, loss_value)
+
+    def _shape(self) -> dict:
+        """What a saved state must agree on to be restored into this trainer."""
+        return {
+            "n_train": self.x_train.shape[0],
+            "n_steps": self.n_steps,
+            "input_scale": self.scale,
+            **self.settings,
+        }
+
+    def state_dict(self) -> dict:
+        """A copy of everything the remaining steps depend on (tensors and plain values, so
+        ``torch.load(..., weights_only=True)`` reads it back)."""
+        return {
+            "step": self.step,
+            "shape": self._shape(),
+            "sae": {name: t.detach().clone() for name, t in self.sae.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "batches": self.batches.state_dict(),
+            "recent_losses": list(self.recent_losses),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a trainer built with the same
+        activations and settings); ValueError if it belongs to another training."""
+        if state.get("shape") != self._shape():
+            raise ValueError(
+                f"the saved SAE training state ({state.get('shape')}) does not belong to this "
+                f"training ({self._shape()})"
+            )
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])
+        self.recent_losses = [float(v) for v in state["recent_losses"]]
+        self.step = int(state["step"])
+
+    def result(self) -> tuple[SparseAutoencoder, dict]:
+        """(the SAE taking raw activations, metrics as :func:`train_sae` reports them), once
+        every step is taken."""
+        if self.step != self.n_steps:
+            raise RuntimeError(f"the SAE has taken {self.step} of its {self.n_steps} steps")
+        _fold_scale(self.sae, self.scale)
+        n_holdout = self.holdout.shape[0]
+        metrics = evaluate_sae(self.sae, self.holdout if n_holdout else self.x_train)
+        metrics.update(
+            {
+                "evaluated_on": "holdout" if n_holdout else "train",
+                "final_loss": float(np.mean(self.recent_losses)),
+                "input_scale": self.scale,
+                "n_train": self.x_train.shape[0],
+                "n_holdout": n_holdout,
+                "n_steps": self.n_steps,
+                **self.settings,
+            }
+        )
+        return self.sae, metrics
 
 
 def _check_train_settings(
@@ -278,58 +419,28 @@ def _initialise(
     sae.b_dec.copy_((centre * scale).to(torch.float32))
 
 
-@dataclass(frozen=True)
-class _Schedule:
-    """How the optimiser runs: steps, rows per step, Adam learning rate and progress calls."""
-
-    n_steps: int
-    batch_size: int
-    lr: float
-    log_every: int
-    progress: ProgressCallback | None
-
-
-def _optimise(
+def _adam_step(
     sae: SparseAutoencoder,
-    z_train: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
     l1: float | None,
-    schedule: _Schedule,
-    generator: torch.Generator,
-) -> list[float]:
-    """Adam on rows z_train (n_train, d_in) with unit-norm decoder rows; ``l1`` weights the
-    ReLU SAE's sparsity penalty (None: no penalty). Returns the last training losses."""
-    optimizer = torch.optim.Adam(sae.parameters(), lr=schedule.lr)
-    recent_losses: list[float] = []
-    batches = _batches(z_train.shape[0], schedule.batch_size, generator)
-    for step in range(1, schedule.n_steps + 1):
-        batch = z_train[next(batches)]  # (B, d_in)
-        features = sae.encode(batch)  # (B, d_sae)
-        reconstruction = sae.decode(features)  # (B, d_in)
-        loss = (reconstruction - batch).square().sum(dim=1).mean()
-        if l1 is not None:
-            loss = loss + l1 * features.sum(dim=1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            rows, grad = sae.W_dec, sae.W_dec.grad  # (d_sae, d_in), (d_sae, d_in)
-            grad -= (grad * rows).sum(dim=1, keepdim=True) * rows  # keep only norm-free changes
-        optimizer.step()
-        with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise ConfigError(
-                f"SAE training diverged at step {step} (loss {loss_value}): lower lr "
-                f"(now {schedule.lr})"
-            )
-        recent_losses.append(loss_value)
-        if len(recent_losses) > _FINAL_LOSS_STEPS:
-            recent_losses.pop(0)
-        if schedule.progress is not None and (
-            step % schedule.log_every == 0 or step == schedule.n_steps
-        ):
-            schedule.progress(step, schedule.n_steps, loss_value)
-    return recent_losses
+) -> float:
+    """One Adam step on rows ``batch`` (B, d_in) keeping the decoder rows at unit norm; ``l1``
+    weights the ReLU SAE's sparsity penalty (None: no penalty). Returns the step's loss."""
+    features = sae.encode(batch)  # (B, d_sae)
+    reconstruction = sae.decode(features)  # (B, d_in)
+    loss = (reconstruction - batch).square().sum(dim=1).mean()
+    if l1 is not None:
+        loss = loss + l1 * features.sum(dim=1).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        rows, grad = sae.W_dec, sae.W_dec.grad  # (d_sae, d_in), (d_sae, d_in)
+        grad -= (grad * rows).sum(dim=1, keepdim=True) * rows  # keep only norm-free changes
+    optimizer.step()
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return float(loss.detach())
 
 
 @torch.no_grad()
