@@ -374,15 +374,8 @@ def run_head_sweep(config: AblationConfig, out=None, force: bool = False, lm=Non
         )
         return _sweep_headline(summaries, agreement, floors, modes, seconds)
 
-    outcome = execute(
-        EXPERIMENT,
-        run_identity(config, measure_layers=[early, late]),
-        lm.name,
-        out,
-        body,
-        force=force,
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, measure_layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _sweep_headline(summaries, agreement, floors, modes, seconds) -> dict:

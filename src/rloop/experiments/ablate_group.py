@@ -203,15 +203,8 @@ def run_group_ablation(config: GroupAblationConfig, out=None, force: bool = Fals
         run.update_manifest(timings={"ablation_s": seconds})
         return _headline(summary, len(heads), modes)
 
-    outcome = execute(
-        EXPERIMENT,
-        run_identity(config, measure_layers=[early, late]),
-        lm.name,
-        out,
-        body,
-        force=force,
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, measure_layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _reference_manifest(reference, modes: list[str], config: GroupAblationConfig) -> dict | None:

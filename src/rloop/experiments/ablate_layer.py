@@ -115,15 +115,8 @@ def run_layer_ablation(config: LayerAblationConfig, out=None, force: bool = Fals
             else f"L{int(biggest['layer'])} {biggest['component']}",
         }
 
-    outcome = execute(
-        EXPERIMENT,
-        run_identity(config, measure_layers=[early, late]),
-        lm.name,
-        out,
-        body,
-        force=force,
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, measure_layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _layer_summary(results: pd.DataFrame, config: LayerAblationConfig) -> pd.DataFrame:

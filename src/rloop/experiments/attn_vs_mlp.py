@@ -137,8 +137,7 @@ def run_components(config: ComponentsConfig, out=None, force: bool = False, lm=N
         run.update_manifest(timings={"measure_s": seconds}, component_layers=layers)
         return lower_pr_headline(table, layers)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force).as_tuple()
 
 
 def in_prompt_order(rows: pd.DataFrame, prompts: list[Prompt]) -> pd.DataFrame:

@@ -127,15 +127,8 @@ def run_attribution(config: AttributionConfig, out=None, force: bool = False, lm
             "exact_seconds": exact_s,
         }
 
-    outcome = execute(
-        EXPERIMENT,
-        run_identity(config, measure_layers=[early, late]),
-        lm.name,
-        out,
-        body,
-        force=force,
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, measure_layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _exact_sweep(

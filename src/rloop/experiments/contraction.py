@@ -1231,10 +1231,8 @@ def run_contraction(
         )
         return _headline(result, config)
 
-    outcome = execute(
-        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _finite_or_none(value) -> float | None:

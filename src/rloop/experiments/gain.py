@@ -482,8 +482,7 @@ def run_gain(
         )
         return write_gain_outputs(run, models, layers, pd.DataFrame(failures), config)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), label, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(EXPERIMENT, config.to_dict(), label, out, body, force=force).as_tuple()
 
 
 def write_gain_outputs(

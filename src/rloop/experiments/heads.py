@@ -196,8 +196,7 @@ def run_head_diagnostics(config: HeadDiagnosticsConfig, out=None, force: bool = 
         run.update_manifest(timings={"measure_s": seconds})
         return heads_headline(heads)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force).as_tuple()
 
 
 def loudest_order(heads: pd.DataFrame) -> pd.DataFrame:

@@ -390,6 +390,17 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
+# The transfer % columns of transfer_table as the summaries show them.
+TRANSFER_COLUMNS = (
+    "transfer_pct",
+    "transfer_ci_low",
+    "transfer_ci_high",
+    "transfer_undefined_share",
+    "transfer_undefined",
+    "transfer_ci_note",
+)
+
+
 def transfer_table(grid: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Mean of each metric per condition and transfer % relative to the natural pair.
 
@@ -602,20 +613,7 @@ def parse_range(text: str, n_layers: int) -> tuple[int, ...]:
 
 def _kv_markdown(lm, config, ranges, alphas, sampling, early, late, transfer, corr, doses) -> str:
     """summary.md of a kv-patch run: setup, transfer table, R_V vs behaviour, dose-response."""
-    cols = [
-        "condition",
-        "metric",
-        "n",
-        "mean",
-        "gap",
-        "noise",
-        "transfer_pct",
-        "transfer_ci_low",
-        "transfer_ci_high",
-        "transfer_undefined_share",
-        "transfer_undefined",
-        "transfer_ci_note",
-    ]
+    cols = ["condition", "metric", "n", "mean", "gap", "noise", *TRANSFER_COLUMNS]
     summary = [
         "# KV-cache patching",
         "",
@@ -724,7 +722,5 @@ def run_kv_patching(config: KVPatchConfig, out=None, force: bool = False, lm=Non
             head[f"{row.condition}:{row.metric}:transfer_pct"] = row.transfer_pct
         return head
 
-    outcome = execute(
-        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()

@@ -368,15 +368,8 @@ def run_patching(config: PatchConfig, out=None, force: bool = False, lm=None):
             **({"note": reason} if reason else {}),
         }
 
-    outcome = execute(
-        EXPERIMENT,
-        run_identity(config, measure_layers=[early, late]),
-        lm.name,
-        out,
-        body,
-        force=force,
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, measure_layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _pair_rows(pairs, src_batch, tgt_batch, source_rv, target_rv, patched, noise, circ):

@@ -44,6 +44,10 @@ class RunOutcome:
     already_complete: bool
     headline: dict
 
+    def as_tuple(self) -> tuple[Path, bool, dict]:
+        """(run_dir, already_complete, headline): what the ``run_*`` functions return."""
+        return self.run_dir, self.already_complete, self.headline
+
 
 def model_manifest(lm: LoadedModel) -> dict:
     """The model as the manifest records it (name, source, revision, weights hash, sizes)."""

@@ -413,8 +413,7 @@ def run_sae_train(config: SAETrainConfig, out=None, force: bool = False, lm=None
             "sae_dir": str(sae_dir),
         }
 
-    outcome = execute(TRAIN_EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(TRAIN_EXPERIMENT, config.to_dict(), lm.name, out, body, force=force).as_tuple()
 
 
 def _train_plots(losses: pd.DataFrame, density: np.ndarray, plot_path) -> None:
@@ -645,8 +644,9 @@ def run_sae_features(config: SAEFeaturesConfig, out=None, force: bool = False, l
             "span_random_mean": float(last["random_mean"]) if last is not None else None,
         }
 
-    outcome = execute(FEATURES_EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(
+        FEATURES_EXPERIMENT, config.to_dict(), lm.name, out, body, force=force
+    ).as_tuple()
 
 
 def _features_plots(diff: pd.DataFrame, span: pd.DataFrame, plot_path) -> None:

@@ -147,15 +147,8 @@ def run_saliency(config: SaliencyConfig, out=None, force: bool = False, lm=None)
             "gradients_seconds": seconds,
         }
 
-    outcome = execute(
-        EXPERIMENT,
-        run_identity(config, measure_layers=[early, late]),
-        lm.name,
-        out,
-        body,
-        force=force,
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, measure_layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def plot_head_heatmap(heads, column, layers, n_heads, path, title, center=False) -> None:

@@ -458,10 +458,8 @@ def run_steer(config: SteerConfig, out=None, force: bool = False, lm=None):
             grid[column] = scores[column].to_numpy()
         return _report(run, config, prepared, layer, rule, direction, grid, len(chunks))
 
-    outcome = execute(
-        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def _report(run, config, prepared, layer, rule, direction, grid, n_calls) -> dict:

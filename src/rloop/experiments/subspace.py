@@ -271,8 +271,7 @@ def run_subspace(config: SubspaceConfig, out=None, force: bool = False, lm=None)
             "split_half_overlap": float(np.mean(halves.overlaps.numpy())),
         }
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force).as_tuple()
 
 
 def _plots(spectra, angles, relay_table, plot_path, config) -> None:

@@ -180,10 +180,8 @@ def run_temporal(config: TemporalConfig, out=None, force: bool = False, lm=None)
             head[f"{row.group}:step{row.step}"] = row.mean
         return head
 
-    outcome = execute(
-        EXPERIMENT, run_identity(config, layers=[early, late]), lm.name, out, body, force=force
-    )
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    identity = run_identity(config, layers=[early, late])
+    return execute(EXPERIMENT, identity, lm.name, out, body, force=force).as_tuple()
 
 
 def mean_curve(per_step: pd.DataFrame, group: str, scope: str = SCOPE_ALL) -> np.ndarray:

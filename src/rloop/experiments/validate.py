@@ -47,6 +47,7 @@ from rloop.experiments.contraction import (
 from rloop.experiments.kv_patch import (
     NATURAL_SOURCE,
     NATURAL_TARGET,
+    TRANSFER_COLUMNS,
     V_PATCH,
     Condition,
     correlation_table,
@@ -646,11 +647,7 @@ def _phase_tables(result: ValidateResult) -> dict[str, str]:
         "natural_source",
         "gap",
         "noise",
-        "transfer_pct",
-        "transfer_ci_low",
-        "transfer_ci_high",
-        "transfer_undefined_share",
-        "transfer_undefined",
+        *TRANSFER_COLUMNS,
     ]
     cols = [c for c in cols if c in tr.columns]
     phase2 = markdown_table(tr[tr.kind.isin([V_PATCH])][cols])
@@ -746,8 +743,7 @@ def run_validate(
         )
         return _headline(result)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force).as_tuple()
 
 
 def _headline(result: ValidateResult) -> dict:

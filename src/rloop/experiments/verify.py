@@ -938,5 +938,4 @@ def run_verify(config: VerifyConfig, out=None, force: bool = False, lm=None):
         )
         return headline_of(checks)
 
-    outcome = execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force)
-    return outcome.run_dir, outcome.already_complete, outcome.headline
+    return execute(EXPERIMENT, config.to_dict(), lm.name, out, body, force=force).as_tuple()
