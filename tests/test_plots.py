@@ -5,6 +5,7 @@ ticks on layer/pair/head/step axes, no empty "generated" panel in temporal."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from matplotlib.colors import to_hex
 from matplotlib.ticker import AutoLocator, MaxNLocator
 
+import rloop.experiments.gain as gain
 import rloop.experiments.temporal as temporal
 import rloop.runs.spec_plots as spec_plots
 from rloop.prompts import load_bank
@@ -256,4 +258,148 @@ def test_specification_ranks_are_integer_ticks(monkeypatch, tmp_path) -> None:
     (fig,) = closed
     ticks = integer_ticks_shown(fig.axes[1].xaxis)
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)
+
+
+def shown_tick_labels(ax) -> list:
+    """The x and y tick labels of ``ax`` at ticks inside its view (matplotlib keeps labels
+    of ticks past the ends, which are never drawn)."""
+    shown = []
+    for axis in (ax.xaxis, ax.yaxis):
+        low, high = sorted(axis.get_view_interval())
+        for tick in axis.get_major_ticks():
+            if low - 1e-9 <= tick.get_loc() <= high + 1e-9:
+                shown.append(tick.label1)
+    return shown
+
+
+def the_one_legend(fig):
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    return legends[0]
+
+
+def assert_legend_outside_the_data(fig) -> None:
+    """The figure's single legend lies inside the figure and overlaps no panel."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = the_one_legend(fig).get_window_extent(renderer)
+    assert inside(box, fig)
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer)), ax
+
+
+def covariate_table(families: list[str], seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        [
+            {"pr_mode": mode, "family": family, "r_v": rng.normal(0.8, 0.1),
+             "n_tokens": int(rng.integers(5, 40)), "type_token_ratio": rng.uniform(0.5, 1),
+             "punctuation_share": rng.uniform(0, 0.2)}
+            for mode in ("per-head", "whole") for family in families for _ in range(5)
+        ]
+    )  # fmt: skip
+
+
+def test_covariate_grid_has_one_legend_outside_the_data_and_a_colour_per_family() -> None:
+    families = [f"family_{i:02d}" for i in range(12)]  # more than tab10 has colours
+    covariates = ["n_tokens", "type_token_ratio", "punctuation_share"]
+    fig = plots.covariate_scatter_figure(covariate_table(families), covariates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finish_figure(fig)
+    panels = [ax for ax in fig.axes if ax.collections]
+    assert len(panels) == 2 * len(covariates)
+    legend = the_one_legend(fig)
+    assert [t.get_text() for t in legend.get_texts()] == families
+    colour_of = [
+        {c.get_label(): to_hex(c.get_facecolor()[0]) for c in ax.collections} for ax in panels
+    ]
+    assert all(colours == colour_of[0] for colours in colour_of)  # same colour in every panel
+    assert len(set(colour_of[0].values())) == len(families)
+    assert_legend_outside_the_data(fig)
+    plt.close(fig)
+
+
+def test_old_covariate_legend_inside_a_panel_is_caught() -> None:
+    """The overlap check detects a legend drawn inside the top-left panel (the old layout)."""
+    fig = plots.covariate_scatter_figure(covariate_table(["baseline", "recursive"]), ["n_tokens"])
+    the_one_legend(fig).remove()
+    fig.axes[0].legend(fontsize=6)
+    finish_figure(fig)
+    with pytest.raises(AssertionError):
+        assert_legend_outside_the_data(fig)
+    plt.close(fig)
+
+
+def test_specification_legend_is_outside_the_curve_and_names_the_colours(
+    monkeypatch, tmp_path
+) -> None:
+    kept = []
+    monkeypatch.setattr(spec_plots.plt, "close", kept.append)
+    effect = np.array([-0.8, -0.5, -0.1, 0.05, 0.2, 0.7])
+    specs = pd.DataFrame(
+        {"spec_id": range(6), "window": [8, 16, 32] * 2, "pr_mode": ["whole", "per-head"] * 3,
+         "effect": effect, "ci_low": effect - 0.3, "ci_high": effect + 0.3}
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec_plots.specification_curve_plot(
+            specs, ["window", "pr_mode"], tmp_path / "s.png", highlight=2, highlight_label="ref"
+        )
+    (fig,) = kept
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    labels = [t.get_text() for t in the_one_legend(fig).get_texts()]
+    # significant by CI: -0.8 and -0.5 (below 0), 0.7 (above 0); the rest not
+    assert labels == ["95% CI", "median -0.025", "ref", "significant, effect < 0",
+                      "significant, effect > 0", "not significant"]  # fmt: skip
+    assert_legend_outside_the_data(fig)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    ("names", "labels"),
+    [
+        (["/tmp/a/run_1/m0", "/tmp/a/run_1/m1"], ["m0", "m1"]),
+        (["/x/one/model", "/x/two/model/"], ["one/model", "two/model"]),
+        (["EleutherAI/pythia-70m", "gpt2"], ["pythia-70m", "gpt2"]),
+        (["a/b", "/a/b"], ["a/b", "/a/b"]),
+    ],
+)
+def test_short_names_keep_the_fewest_trailing_parts_that_stay_distinct(names, labels) -> None:
+    assert plots.short_names(names) == labels
+
+
+def test_h25_plot_with_long_model_paths_fits_without_a_layout_warning(
+    monkeypatch, tmp_path
+) -> None:
+    drawn = []
+    monkeypatch.setattr(plots.plt, "close", drawn.append)
+    root = "/tmp/pytest-of-someone/pytest-123/test_scaling_with_gain_writes_h25_outputs0"
+    names = [f"{root}/m{i}" for i in range(4)]
+    models = pd.DataFrame(
+        {"model": names, "rho": [0.25, 0.25, 0.5, 1.0], "gain": [1.2, 0.9, 1.1, 0.8],
+         "gain_ci_low": [1.1, 0.8, 1.0, 0.7], "gain_ci_high": [1.3, 1.0, 1.2, 0.9]}
+    )  # fmt: skip
+    curves = pd.DataFrame(
+        [
+            {"model": name, "stage": gain.BLOCK_STAGE if layer < 3 else gain.FINAL_NORM_STAGE,
+             "layer": layer, "gain_last": 1.0 + 0.1 * k - 0.05 * layer}
+            for k, name in enumerate(names) for layer in range(4)
+        ]
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" would fail here
+        gain.plot_h25(models, curves, tmp_path / "h25.png", threshold=0.5)
+    (fig,) = drawn
+    assert (tmp_path / "h25.png").stat().st_size > 1000
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in (*shown_tick_labels(ax), *ax.texts) if t.get_text()]
+    assert {t.get_text() for t in fig.axes[0].texts} == {"m0", "m1", "m2", "m3"}
+    for text in texts:
+        assert inside(text.get_window_extent(renderer), fig), text.get_text()
+    models_legend = fig.axes[2].get_legend()  # (panel 0 keeps its legend of the two lines)
+    assert [t.get_text() for t in models_legend.get_texts()] == ["m0", "m1", "m2", "m3"]
+    legend = models_legend.get_window_extent(renderer)
+    assert inside(legend, fig) and not legend.overlaps(fig.axes[2].get_window_extent(renderer))
     plt.close(fig)

@@ -285,12 +285,16 @@ def plot_h25(models: pd.DataFrame, curves: pd.DataFrame, path: Path, threshold: 
             (frame["gain_ci_high"] - frame["gain"]).clip(lower=0).fillna(0),
         ]
     )
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    label_of = dict(zip(frame["model"], plotting.short_names(list(frame["model"])), strict=True))
+    legend_width = 0.6 + 0.06 * max((len(label) for label in label_of.values()), default=0)
+    fig, axes = plt.subplots(1, 3, figsize=(17 + legend_width, 5))
     ax = axes[0]
     ax.errorbar(frame["rho"], frame["gain"], yerr=err, fmt="none", ecolor="grey", alpha=0.7)
     ax.scatter(frame["rho"], frame["gain"], c=colors, s=70, zorder=5)
     for row in frame.itertuples():
-        ax.annotate(row.model, (row.rho, row.gain), xytext=(5, 5), textcoords="offset points")
+        ax.annotate(
+            label_of[row.model], (row.rho, row.gain), xytext=(5, 5), textcoords="offset points"
+        )
     ax.axhline(1.0, color="black", ls="--", lw=0.8, label="gain = 1")
     ax.axvline(threshold, color="purple", ls=":", lw=0.8, label=f"rho = {threshold}")
     ax.set_xlabel("rho = n_heads / d_head")
@@ -302,21 +306,22 @@ def plot_h25(models: pd.DataFrame, curves: pd.DataFrame, path: Path, threshold: 
     x = np.arange(len(frame))
     ax.bar(x, frame["gain"], color=colors, alpha=0.75, yerr=err, capsize=3)
     ax.axhline(1.0, color="black", ls="--", lw=0.8)
-    ax.set_xticks(x, frame["model"], rotation=45, ha="right")
+    ax.set_xticks(x, [label_of[m] for m in frame["model"]], rotation=45, ha="right")
     ax.set_ylabel("last-block gain")
     ax.set_title("gain by model (sorted by rho)")
 
     ax = axes[2]
     for model, curve in curves.groupby("model", sort=False):
         blocks = curve[curve.stage == BLOCK_STAGE]
-        line = ax.plot(blocks["layer"], blocks["gain_last"], "-o", ms=2, label=model)[0]
+        label = label_of.get(model, model)
+        line = ax.plot(blocks["layer"], blocks["gain_last"], "-o", ms=2, label=label)[0]
         norm = curve[curve.stage == FINAL_NORM_STAGE]
         ax.scatter(norm["layer"], norm["gain_last"], marker="x", color=line.get_color())
     ax.axhline(1.0, color="black", ls="--", lw=0.8)
     ax.set_xlabel("block (x: final norm, after the last block)")
     ax.set_ylabel("gain ||out|| / ||in|| (last token)")
     ax.set_title("per-layer gain")
-    ax.legend(fontsize=7)
+    plotting.legend_outside(ax, title="model")
     return plotting._save(fig, path)
 
 

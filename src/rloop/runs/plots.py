@@ -177,15 +177,7 @@ def pr_profile_figure(profile: pd.DataFrame, early: int, late: int):
         integer_ticks(ax.xaxis)
         ax.set_ylabel("participation ratio")
         ax.set_title(f"PR by layer ({mode})")
-    axes[0][-1].legend(
-        fontsize=7,
-        ncol=1 if len(groups) <= 16 else 2,
-        loc="upper left",
-        bbox_to_anchor=(1.02, 1.0),
-        borderaxespad=0.0,
-        title="group",
-        title_fontsize=8,
-    )
+    legend_outside(axes[0][-1], title="group", ncol=1 if len(groups) <= 16 else 2)
     return fig
 
 
@@ -282,33 +274,69 @@ def paired_scatter(pair_values: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def covariate_scatter(
-    frame: pd.DataFrame, covariates: list[str], path: Path, outcome: str = "r_v"
-) -> Path:
-    """A grid of ``outcome`` against each covariate: one row per PR mode, one column per
-    covariate, one colour per prompt family. ``frame`` has pr_mode, family, the outcome and
-    the covariate columns (one row per prompt x mode)."""
+def short_names(names: list[str]) -> list[str]:
+    """Plot labels for model names: the fewest trailing "/"-separated parts that keep every
+    name distinct (``/tmp/runs/m0`` -> ``m0``, ``EleutherAI/pythia-70m`` -> ``pythia-70m``),
+    so that long local paths do not crowd the figure; names are kept whole when only the
+    full name tells them apart."""
+    parts = [str(name).rstrip("/").split("/") for name in names]
+    longest = max((len(p) for p in parts), default=0)
+    for keep in range(1, longest + 1):
+        labels = ["/".join(p[-keep:]) for p in parts]
+        if len(set(labels)) == len(set(map(str, names))):
+            return labels
+    return [str(name) for name in names]
+
+
+def legend_outside(ax, title: str | None = None, fontsize: float = 7, **kwargs):
+    """The legend of ``ax`` to the right of its panel, top-aligned with it (so it covers no
+    data); :func:`finish_figure`'s tight layout makes room for it. ``kwargs`` go to
+    ``ax.legend`` (e.g. ``handles``, ``ncol``, ``markerscale``)."""
+    return ax.legend(
+        fontsize=fontsize,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        title=title,
+        title_fontsize=fontsize + 1 if title else None,
+        **kwargs,
+    )
+
+
+def covariate_scatter_figure(frame: pd.DataFrame, covariates: list[str], outcome: str = "r_v"):
+    """The figure of :func:`covariate_scatter`: one colour per family (the same in every
+    panel), one legend for the whole grid to the right of the top-right panel."""
     modes = sorted(frame["pr_mode"].unique())
     families = sorted(frame["family"].astype(str).unique())
-    colours = plt.get_cmap("tab10")
+    colour_of = dict(zip(families, group_colours(len(families)), strict=True))
+    legend_width = 0.4 + 0.07 * max((len(f) for f in families), default=0)
     fig, axes = plt.subplots(
         len(modes),
         len(covariates),
-        figsize=(2.6 * len(covariates) + 1, 2.4 * len(modes) + 0.6),
+        figsize=(2.6 * len(covariates) + 1 + legend_width, 2.4 * len(modes) + 0.6),
         squeeze=False,
     )
     for row, mode in enumerate(modes):
         rows = frame[frame.pr_mode == mode]
         for column, covariate in enumerate(covariates):
             ax = axes[row][column]
-            for i, family in enumerate(families):
+            for family in families:
                 chosen = rows[rows["family"].astype(str) == family]
                 ax.scatter(chosen[covariate], chosen[outcome], s=6, alpha=0.6,
-                           color=colours(i % 10), label=family)  # fmt: skip
+                           color=colour_of[family], label=family)  # fmt: skip
             ax.set_xlabel(covariate, fontsize=8)
             if column == 0:
                 ax.set_ylabel(f"{outcome} ({mode})", fontsize=8)
             ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6, markerscale=2)
+    legend_outside(axes[0][-1], title="family", fontsize=6, markerscale=2)
     fig.suptitle(f"{outcome} against prompt covariates", fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def covariate_scatter(
+    frame: pd.DataFrame, covariates: list[str], path: Path, outcome: str = "r_v"
+) -> Path:
+    """A grid of ``outcome`` against each covariate: one row per PR mode, one column per
+    covariate, one colour per prompt family. ``frame`` has pr_mode, family, the outcome and
+    the covariate columns (one row per prompt x mode)."""
+    return _save(covariate_scatter_figure(frame, covariates, outcome), path)

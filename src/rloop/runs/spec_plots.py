@@ -19,14 +19,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from rloop.runs.layout import atomic_write  # noqa: E402
-from rloop.runs.plots import finish_figure, integer_ticks  # noqa: E402
+from rloop.runs.plots import finish_figure, integer_ticks, legend_outside  # noqa: E402
 
 NEGATIVE_COLOUR = "#1f77b4"
 POSITIVE_COLOUR = "#d62728"
 NEUTRAL_COLOUR = "#9a9a9a"
 MAX_EXACT_COLUMNS = 300
+LEGEND_WIDTH = 1.8  # inches added to the figure for the legend right of the curve
+SIGNIFICANCE_LABELS = {
+    NEGATIVE_COLOUR: "significant, effect < 0",
+    POSITIVE_COLOUR: "significant, effect > 0",
+    NEUTRAL_COLOUR: "not significant",
+}
 
 
 def _levels(frame: pd.DataFrame, choices: Sequence[str]) -> list[tuple[str, object]]:
@@ -36,6 +43,17 @@ def _levels(frame: pd.DataFrame, choices: Sequence[str]) -> list[tuple[str, obje
 
 def _sort_key(value: object) -> tuple[int, object]:
     return (0, value) if isinstance(value, int | float | np.number) else (1, str(value))
+
+
+def _legend(top, colours: np.ndarray) -> None:
+    """The legend of the curve panel, right of it (it covers no specification): the CI band,
+    the median, the highlighted specification, and a mark for each point colour drawn."""
+    handles, labels = top.get_legend_handles_labels()
+    for colour, label in SIGNIFICANCE_LABELS.items():
+        if np.any(colours == colour):
+            handles.append(Line2D([], [], ls="none", marker="o", ms=5, color=colour))
+            labels.append(label)
+    legend_outside(top, handles=handles, labels=labels, fontsize=8)
 
 
 def specification_curve_plot(
@@ -83,7 +101,7 @@ def specification_curve_plot(
     fig, (top, bottom) = plt.subplots(
         2,
         1,
-        figsize=(11, height),
+        figsize=(11 + LEGEND_WIDTH, height),
         sharex=True,
         gridspec_kw={"height_ratios": [3.2, 0.18 * max(len(levels), 1)]},
     )
@@ -107,7 +125,7 @@ def specification_curve_plot(
                 zorder=4, label=highlight_label,
             )  # fmt: skip
     top.set_ylabel(effect_label)
-    top.legend(loc="upper left", fontsize=8)
+    _legend(top, colours)
     top.set_title(title or f"Specification curve ({len(frame)} specifications)", fontsize=10)
     bottom.imshow(
         indicator,
