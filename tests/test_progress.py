@@ -111,3 +111,22 @@ def test_notebook_bar_off_and_terminal_ipython(monkeypatch, capsys) -> None:
     assert not progress.in_notebook()
     monkeypatch.delitem(sys.modules, "IPython")
     assert not progress.in_notebook()
+
+
+def test_a_slow_step_ends_with_one_final_line(monkeypatch, capsys) -> None:
+    """After a step of over a second the final count is printed once: not repeated when the
+    last periodic line already showed it, and printed when no periodic line did."""
+    monkeypatch.setenv("RLOOP_PROGRESS", "1")
+    clock = iter(range(0, 100, 2))  # every reading of the clock is 2 s later
+    monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_SECONDS", 0.0)
+    with progress.progress_bar("generating", total=2) as advance:
+        advance(1)
+        advance(1)
+    counts = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert counts == ["generating: 1/2", "generating: 2/2"]
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_SECONDS", 1000.0)
+    with progress.progress_bar("generating", total=2) as advance:
+        advance(2)
+    counts = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert counts == ["generating: 2/2"]

@@ -6,7 +6,8 @@
 - in a terminal: a rich bar on stderr, removed when done;
 - anywhere else (nohup, SLURM logs, CI): periodic plain lines on stderr.
 
-``RLOOP_PROGRESS=0`` hides all of them.
+``RLOOP_PROGRESS=0`` hides all of them. :func:`quiet_transformers` silences transformers' own
+bars and logs (e.g. "Loading weights") while rloop loads a model, so they do not interleave.
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ def _plain_lines(description: str, total: int) -> Iterator[Callable[[int], None]
     """Print 'description: done/total (elapsed)' every PLAIN_INTERVAL_SECONDS and at the end."""
     started = last = time.monotonic()
     done = 0
+    shown = -1  # the count of the last line printed
 
     def line() -> None:
+        nonlocal shown
+        shown = done
         print(_status(description, done, total, started), file=sys.stderr)
 
     def advance(n: int = 1) -> None:
@@ -95,7 +99,7 @@ def _plain_lines(description: str, total: int) -> Iterator[Callable[[int], None]
             line()
 
     yield advance
-    if time.monotonic() - started >= 1.0:
+    if time.monotonic() - started >= 1.0 and done != shown:
         line()
 
 
@@ -124,3 +128,24 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside: transformers logs errors only and shows no progress bars of its own (its
+    "Loading weights" bar would interleave with rloop's). The caller's verbosity and
+    progress-bar setting are restored on exit, also on error."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()

