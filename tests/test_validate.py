@@ -19,8 +19,6 @@ from rloop.experiments.kv_patch import (
     KVPatchConfig,
     plot_transfer,
     run_kv_patching,
-    transfer_bootstrap,
-    transfer_interval,
     transfer_plot_notes,
     transfer_table,
 )
@@ -39,7 +37,12 @@ from rloop.experiments.validate import (
     run_validate,
 )
 from rloop.metrics import r_v, window_pr
-from rloop.metrics.stats import noise_floor, transfer_percent
+from rloop.metrics.stats import (
+    noise_floor,
+    transfer_bootstrap,
+    transfer_interval,
+    transfer_percent,
+)
 from rloop.prompts import DEFAULT_BANK_VERSION, load_bank
 from tests.tiny_models import WordTokenizer, tiny_lm
 

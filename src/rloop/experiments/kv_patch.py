@@ -24,7 +24,6 @@ kv-patch or validate run generates only the chunks it had not finished.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,7 +63,7 @@ from rloop.interventions.kv_cache import (
 )
 from rloop.metrics import r_v, window_pr
 from rloop.metrics.contrasts import NULL_WITHIN, cluster_correlation
-from rloop.metrics.stats import noise_floor, percentile_interval, transfer_percent
+from rloop.metrics.stats import finite_mean, noise_floor, transfer_bootstrap, transfer_percent
 from rloop.prompts import check_window
 from rloop.runs.markdown import markdown_table
 from rloop.runs.plots import _save, plt
@@ -282,114 +281,6 @@ def _range_text(layers: Sequence[int]) -> str:
 
 
 METRICS = ("r_v_generated", "score")
-TRANSFER_CI = 0.95  # level of the transfer % bootstrap CI
-
-
-@dataclass(frozen=True)
-class TransferCI:
-    """Cluster bootstrap CI of a transfer %: ``low``/``high`` (NaN when not given, ``note``
-    says why) and the share of bootstrap draws in which the transfer % was undefined."""
-
-    low: float
-    high: float
-    undefined_share: float
-    note: str = ""
-
-
-def pair_draws(n_pairs: int, n_boot: int, seed: int) -> np.ndarray:
-    """Bootstrap draws of pairs with replacement: (n_boot, n_pairs) row indices, from
-    ``np.random.default_rng(seed).integers(0, n_pairs, size=(n_boot, n_pairs))``."""
-    return np.random.default_rng(seed).integers(0, n_pairs, size=(n_boot, n_pairs))
-
-
-def resampled_means(values: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """Mean over the drawn pairs of each draw, NaN values ignored: (n,), (B, n) -> (B,);
-    NaN for a draw with no finite value."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN draws are NaN, on purpose
-        return np.nanmean(np.asarray(values, dtype=np.float64)[draws], axis=1)  # (B,)
-
-
-def transfer_interval(
-    boot_pct: np.ndarray, point_defined: bool, ci: float = TRANSFER_CI
-) -> TransferCI:
-    """Percentile CI of bootstrap transfer % values (B,), NaN where a draw was undefined.
-
-    The CI is given only when the point transfer % is defined and at most ``1 - ci`` of the
-    draws are undefined: an undefined draw has a natural gap within noise, i.e. a transfer %
-    that would be arbitrarily large, so dropping more than the CI's tail of them would
-    leave an interval that is too narrow (the ratio's CI is then unbounded, as in Fieller's
-    interval when the denominator is not clearly away from zero)."""
-    boot_pct = np.asarray(boot_pct, dtype=np.float64)
-    share = float(np.mean(~np.isfinite(boot_pct))) if boot_pct.size else math.nan
-    if not point_defined:
-        return TransferCI(math.nan, math.nan, share, "point transfer % undefined")
-    if not share <= 1.0 - ci + 1e-12:
-        note = (
-            f"undefined in {share:.0%} of bootstrap draws (more than {1.0 - ci:.0%}): the "
-            "natural gap is not clearly away from the noise, the CI is unbounded"
-        )
-        return TransferCI(math.nan, math.nan, share, note)
-    low, high = percentile_interval(boot_pct, ci)
-    return TransferCI(low, high, share)
-
-
-def bootstrap_transfer_pct(
-    boot_condition: np.ndarray,
-    boot_target: np.ndarray,
-    boot_source: np.ndarray,
-    noise: float,
-) -> np.ndarray:
-    """Transfer % of every bootstrap draw (B,) from the draws' means, by the rule of
-    :func:`~rloop.metrics.stats.transfer_percent` with the point estimate's ``noise``."""
-    return np.array(
-        [
-            transfer_percent(c, t, s, noise)[0]
-            for c, t, s in zip(boot_condition, boot_target, boot_source, strict=True)
-        ],
-        dtype=np.float64,
-    )
-
-
-def transfer_bootstrap(
-    target,
-    source,
-    values,
-    noise: float,
-    n_boot: int = 2000,
-    seed: int = 0,
-    ci: float = TRANSFER_CI,
-) -> TransferCI:
-    """Pair-level (cluster) bootstrap CI of the transfer % of one condition.
-
-    target, source, values: (n_pairs,) per-pair values of the natural target, the natural
-    source and the condition (NaN where undefined). Each draw resamples pairs with
-    replacement (:func:`pair_draws`; the same pairs for the three arrays), recomputes the
-    three means (NaN ignored) and the transfer % by the near-zero-gap rule with the point
-    estimate's ``noise`` as threshold (a nested bootstrap of the noise per draw would cost
-    n_boot² resamples; the threshold is the design's resolution, not re-estimated), and
-    :func:`transfer_interval` turns the draws into the CI.
-    """
-    target, source, values = (np.asarray(a, dtype=np.float64) for a in (target, source, values))
-    noise = float(noise) if math.isfinite(float(noise)) else 0.0
-    point, _ = transfer_percent(_nanmean(values), _nanmean(target), _nanmean(source), noise)
-    if target.size < 2:
-        return TransferCI(math.nan, math.nan, math.nan, "fewer than 2 pairs")
-    draws = pair_draws(target.size, n_boot, seed)
-    boot = bootstrap_transfer_pct(
-        resampled_means(values, draws),
-        resampled_means(target, draws),
-        resampled_means(source, draws),
-        noise,
-    )
-    return transfer_interval(boot, math.isfinite(point), ci)
-
-
-def _nanmean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else math.nan
-
-
 # The transfer % columns of transfer_table as the summaries show them.
 TRANSFER_COLUMNS = (
     "transfer_pct",
@@ -420,11 +311,11 @@ def transfer_table(grid: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.
         source = wide[NATURAL_SOURCE].to_numpy(dtype=float)
         noise = float(noise_floor(source - target, n_boot=n_boot, seed=seed))
         threshold = noise if math.isfinite(noise) else 0.0
-        mean_t, mean_s = _nanmean(target), _nanmean(source)
+        mean_t, mean_s = finite_mean(target), finite_mean(source)
         meta = grid.drop_duplicates("condition").set_index("condition")
         for cond in wide.columns:
             values = wide[cond].to_numpy(dtype=float)
-            mean = _nanmean(values)
+            mean = finite_mean(values)
             pct, reason = transfer_percent(mean, mean_t, mean_s, threshold)
             interval = transfer_bootstrap(target, source, values, threshold, n_boot, seed)
             rows.append(
